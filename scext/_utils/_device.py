@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import torch
+
+from .._settings import settings
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn a user's device argument into a `torch.device`, failing early when it is not there.
+
+    ``"auto"`` defers to `scext.settings.device`, then to the first CUDA device if present, else the CPU.
+    MPS is never chosen automatically (several ops scext needs are missing or slow there).
+    """
+    if isinstance(device, str) and device == "auto":
+        device = settings.device
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={device!r} is not a device torch knows; use 'auto', 'cpu' or 'cuda'."
+        ) from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} was asked for, but torch sees no CUDA device (torch {torch.__version__}). "
+                "Use device='cpu', or install a CUDA build of torch (README, 'Installation')."
+            )
+        index = resolved.index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} does not exist: torch sees {torch.cuda.device_count()} CUDA device(s)."
+            )
+        resolved = torch.device("cuda", index)
+    elif resolved.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"device={device!r} was asked for, but MPS is not available here.")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device={device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'mps'.")
+    return resolved

@@ -1,0 +1,6 @@
+"""Model classes: plain torch modules plus the genes, classes and scaler they need. No AnnData inside a module."""
+
+from ._attribution import cw_perturbation, integrated_gradients, smoothgrad
+from ._kratos import Kratos, KratosNet
+
+__all__ = ["Kratos", "KratosNet", "cw_perturbation", "integrated_gradients", "smoothgrad"]

@@ -1,0 +1,260 @@
+"""KRATOS classifier (Zhou, Du & Chaterji, KDD 2022, sec. 4.2): genes -> 256 -> 64 -> K."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from sklearn.utils.sparsefuncs import mean_variance_axis
+from torch import nn
+
+from .._utils import get_matrix
+from ..train import iter_minibatches, map_minibatches, train_loop
+
+MODEL_FILE = "kratos_model.pt"
+CPU = torch.device("cpu")
+
+
+class KratosNet(nn.Module):
+    """Per-gene standardisation, then fully connected ReLU layers (the last is the embedding), then logits.
+
+    The standardisation is part of the module, so training, prediction and every explanation method see
+    the same scaled input; explanations work in that scaled space (`forward_standardized`).
+    """
+
+    def __init__(self, n_genes: int, n_classes: int, hidden_sizes: Sequence[int] = (256, 64)):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(n_genes))
+        self.register_buffer("scale", torch.ones(n_genes))
+        layers: list[nn.Module] = []
+        width = n_genes
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.encoder = nn.Sequential(*layers)
+        self.head = nn.Linear(width, n_classes)
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.center) / self.scale
+
+    def forward_standardized(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits from already standardised input."""
+        return self.head(self.encoder(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_standardized(self.standardize(x))
+
+    def embed_and_classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.encoder(self.standardize(x))
+        return embedding, torch.softmax(self.head(embedding), dim=1)
+
+
+def one_vs_all_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 11: binary cross-entropy between the softmax output and the one-hot label, summed over classes."""
+    log_p = torch.log_softmax(logits, dim=1)
+    # log(1 - p) from log p without cancellation when p is near 1
+    log_not_p = torch.log(-torch.expm1(log_p.clamp(max=-1e-7)))
+    one_hot = torch.nn.functional.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    return -(one_hot * log_p + (1 - one_hot) * log_not_p).sum(dim=1).mean()
+
+
+class Kratos:
+    """A trained (or to-be-trained) KRATOS classifier with its genes, classes and scaler.
+
+    Usually built by `scext.tl.kratos`, which stores it in ``adata.uns[key]["model"]``; get it back with
+    `Kratos.from_adata`, or `save` / `load` it to a folder. Files hold only tensors and plain Python types
+    and load with ``torch.load(weights_only=True)``.
+
+    Parameters
+    ----------
+    var_names
+        Genes the model reads, in order.
+    classes
+        Class names; output column ``k`` is ``classes[k]``.
+    hidden_sizes
+        Widths of the hidden ReLU layers; the last one is the embedding.
+    layer, use_raw
+        Where the model reads expression in an AnnData (as in `scext.tl.kratos`).
+    """
+
+    def __init__(
+        self,
+        var_names: Sequence[str],
+        classes: Sequence[str],
+        hidden_sizes: Sequence[int] = (256, 64),
+        layer: str | None = None,
+        use_raw: bool = False,
+    ):
+        self.var_names = pd.Index([str(g) for g in var_names])
+        self.classes = [str(c) for c in classes]
+        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        self.layer = layer
+        self.use_raw = bool(use_raw)
+        self.net = KratosNet(len(self.var_names), len(self.classes), self.hidden_sizes)
+
+    # ------------------------------------------------------------------ training
+    def fit_scaler(self, matrix, rows: np.ndarray, scale: bool = True) -> None:
+        """Fit the per-gene centre and scale on `rows` (the training cells) only."""
+        subset = matrix[rows]
+        if sp.issparse(subset):
+            mean, var = mean_variance_axis(sp.csr_matrix(subset, dtype=np.float64), axis=0)
+        else:
+            subset = np.asarray(subset, dtype=np.float64)
+            mean, var = subset.mean(axis=0), subset.var(axis=0)
+        std = np.sqrt(var)
+        std[std == 0] = 1.0  # constant genes carry no signal; leave them at zero after centring
+        if not scale:
+            mean, std = np.zeros_like(mean), np.ones_like(std)
+        self.net.center.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.net.scale.copy_(torch.as_tensor(std, dtype=torch.float32))
+
+    def fit(
+        self,
+        matrix,
+        labels: np.ndarray,
+        train_rows: np.ndarray,
+        validation_rows: np.ndarray,
+        *,
+        n_epochs: int = 100,
+        lr: float = 1e-3,
+        batch_size: int = 64,
+        patience: int | None = 10,
+        device: torch.device = CPU,
+        generator: torch.Generator | None = None,
+        progress_bar: bool | None = None,
+    ) -> dict[str, list[float]]:
+        """Train with Adam on eq. 11; early stopping on the validation loss. Returns the history."""
+        net = self.net.to(device)
+        targets = torch.as_tensor(labels, dtype=torch.long, device=device)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+
+        def step(batch):
+            x, y = batch
+            logits = net(x)
+            return {"loss": one_vs_all_bce(logits, y), "accuracy": (logits.argmax(1) == y).float().mean()}
+
+        def batches():
+            return iter_minibatches(
+                matrix, train_rows, batch_size, device, shuffle=True, generator=generator, extras=(targets,)
+            )
+
+        def validate():
+            loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+            for x, y in iter_minibatches(matrix, validation_rows, 4096, device, extras=(targets,)):
+                logits = net(x)
+                loss += one_vs_all_bce(logits, y) * len(y)
+                correct += (logits.argmax(1) == y).sum()
+            return {"loss": loss / len(validation_rows), "accuracy": correct / len(validation_rows)}
+
+        has_validation = len(validation_rows) > 0
+        return train_loop(
+            net,
+            optimizer,
+            step=step,
+            batches=batches,
+            n_epochs=n_epochs,
+            validate=validate if has_validation else None,
+            patience=patience if has_validation else None,
+            progress_bar=progress_bar,
+            description="kratos",
+        )
+
+    # ------------------------------------------------------------------ inference
+    def aligned_matrix(self, adata: AnnData):
+        """The AnnData's expression in this model's gene order; raises if genes are missing."""
+        matrix, var_names = get_matrix(adata, layer=self.layer, use_raw=self.use_raw)
+        if var_names.equals(self.var_names):
+            return matrix
+        position = var_names.get_indexer(self.var_names)
+        missing = self.var_names[position < 0]
+        if len(missing):
+            raise ValueError(
+                f"The AnnData lacks {len(missing)} of the model's {len(self.var_names)} genes "
+                f"(e.g. {list(missing[:5])}). Subset or reindex it to the training genes "
+                "(model.var_names) before predicting; a model cannot classify genes it never saw."
+            )
+        return matrix[:, position]
+
+    def embed_and_classify(
+        self, matrix, device: torch.device = CPU, batch_size: int = 4096
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Embedding (last hidden layer) and class probabilities of every row, as numpy arrays."""
+        net = self.net.to(device).eval()
+        embedding, proba = map_minibatches(net.embed_and_classify, matrix, device, batch_size)
+        return embedding, proba
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        """Plain types and numpy arrays only, so the model fits in ``adata.uns`` and in an h5ad file."""
+        return {
+            "var_names": np.asarray(self.var_names, dtype=object),
+            "classes": np.asarray(self.classes, dtype=object),
+            "hidden_sizes": np.asarray(self.hidden_sizes, dtype=np.int64),
+            "layer": "" if self.layer is None else self.layer,
+            "use_raw": self.use_raw,
+            "state_dict": {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()},
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> Kratos:
+        model = cls(
+            var_names=list(state["var_names"]),
+            classes=list(state["classes"]),
+            hidden_sizes=[int(h) for h in state["hidden_sizes"]],
+            layer=str(state["layer"]) or None,
+            use_raw=bool(state["use_raw"]),
+        )
+        model.net.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state["state_dict"].items()})
+        model.net.eval()
+        return model
+
+    @classmethod
+    def from_adata(cls, adata: AnnData, key: str = "kratos") -> Kratos:
+        """The model that `scext.tl.kratos(..., key_added=key)` stored in `adata`."""
+        if key not in adata.uns or "model" not in adata.uns[key]:
+            raise KeyError(
+                f"adata.uns[{key!r}] holds no KRATOS model; run scext.tl.kratos(adata, groupby=...)."
+            )
+        return cls.from_dict(adata.uns[key]["model"])
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> None:
+        """Write the model to `directory`/kratos_model.pt (tensors and plain types only)."""
+        directory = Path(directory)
+        path = directory / MODEL_FILE
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self.to_dict()
+        torch.save(
+            {
+                "meta": json.dumps(
+                    {
+                        "var_names": list(self.var_names),
+                        "classes": self.classes,
+                        "hidden_sizes": list(self.hidden_sizes),
+                        "layer": self.layer,
+                        "use_raw": self.use_raw,
+                    }
+                ),
+                "state_dict": {k: torch.as_tensor(v) for k, v in state["state_dict"].items()},
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, directory: str | Path, adata: AnnData | None = None) -> Kratos:
+        """Read a model written by `save`; with `adata`, check that its genes cover the model's."""
+        saved = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
+        meta = json.loads(saved["meta"])
+        model = cls(meta["var_names"], meta["classes"], meta["hidden_sizes"], meta["layer"], meta["use_raw"])
+        model.net.load_state_dict(saved["state_dict"])
+        model.net.eval()
+        if adata is not None:
+            model.aligned_matrix(adata)
+        return model

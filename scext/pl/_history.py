@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+from anndata import AnnData
+from scanpy.plotting._utils import savefig_or_show
+
+
+def training_history(
+    adata: AnnData,
+    key: str = "kratos",
+    *,
+    terms: list[str] | None = None,
+    show: bool | None = None,
+    save: str | bool | None = None,
+    return_fig: bool = False,
+):
+    """Loss and every other logged term per epoch, training and validation side by side.
+
+    Reads ``adata.uns[key]["history"]`` written by any scext tool; one panel per term (``loss``,
+    ``accuracy``, ...), the validation curve dashed, the restored best epoch marked.
+    """
+    if key not in adata.uns or "history" not in adata.uns[key]:
+        raise KeyError(
+            f"adata.uns[{key!r}]['history'] is missing; run the scext tool with key_added={key!r}."
+        )
+    history = adata.uns[key]["history"]
+    names = terms or [name for name in history if not name.startswith("val_") and name != "best_epoch"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        ax.plot(range(1, len(history[name]) + 1), history[name], label="train")
+        if f"val_{name}" in history:
+            ax.plot(
+                range(1, len(history[f"val_{name}"]) + 1), history[f"val_{name}"], "--", label="validation"
+            )
+        if "best_epoch" in history:
+            ax.axvline(int(history["best_epoch"][0]) + 1, color="grey", lw=0.8, label="best epoch")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+    axes[0][0].legend(frameon=False)
+    fig.tight_layout()
+    savefig_or_show(f"{key}_history", show=show, save=save)
+    if return_fig:
+        return fig
+    return None

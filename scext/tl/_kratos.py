@@ -1,0 +1,279 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scanpy import logging as logg
+from sklearn.metrics import accuracy_score, f1_score
+
+from .. import __version__
+from .._utils import get_matrix, matrix_source, resolve_device, seed_everything, stratified_split
+from ..metrics import clustering_scores
+from ..models import Kratos
+
+SPLITS = ["train", "validation", "test", "unlabeled"]
+
+
+def kratos(
+    adata: AnnData,
+    groupby: str,
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    hidden_sizes: Sequence[int] = (256, 64),
+    n_epochs: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    test_size: float = 0.3,
+    validation_size: float = 0.1,
+    patience: int | None = 10,
+    scale: bool = True,
+    device: str | torch.device = "auto",
+    random_state: int = 0,
+    progress_bar: bool | None = None,
+    key_added: str = "kratos",
+    copy: bool = False,
+) -> AnnData | None:
+    """Train the KRATOS classifier and embed every cell in its last hidden layer.
+
+    KRATOS (Zhou, Du & Chaterji, KDD 2022, sec. 4.2) fuses dimensionality reduction and clustering into one
+    supervised network: genes -> 256 ReLU -> 64 ReLU -> K softmax, trained with Adam on the binary
+    cross-entropy of the softmax against one-hot labels (eq. 11). The 64-d layer is the embedding. Cells are
+    split per class into train/test (``1 - test_size`` / ``test_size``, the paper's 0.7/0.3) and
+    ``validation_size`` of the training cells are held out for early stopping. Cells whose label is missing
+    are not trained on but are classified (split ``"unlabeled"``).
+
+    Parameters
+    ----------
+    adata
+        Cells x genes; any preprocessing (log-normalised counts are typical).
+    groupby
+        Column of ``adata.obs`` with the cell-type labels to learn.
+    layer, use_raw
+        Read expression from ``adata.layers[layer]`` or ``adata.raw`` instead of ``adata.X``. Sparse input
+        stays sparse; only minibatches are densified.
+    hidden_sizes
+        Hidden layer widths; the last is the embedding size.
+    n_epochs, lr, batch_size
+        Adam training; the paper's 100, 1e-3 and 64.
+    test_size, validation_size
+        Fraction of each class held out for testing, and of the training cells for early stopping. With
+        ``test_size=0`` every labelled cell trains the model (no test metrics).
+    patience
+        Epochs without improvement of the validation loss before stopping; the best epoch's weights are
+        kept. ``None`` trains all `n_epochs`.
+    scale
+        Standardise each gene with the mean and standard deviation of the training cells. The same scaler is
+        used for training, prediction and every explanation method.
+    device
+        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a `torch.device`.
+    random_state
+        Seeds the split, the initial weights and the minibatch order. Runs on the CPU are reproducible; on
+        CUDA, results agree to float tolerance, not bit for bit.
+    progress_bar
+        Show a bar over epochs; defaults to `scext.settings.progress_bar`.
+    key_added
+        Prefix of every slot written.
+    copy
+        Return a trained copy instead of writing to `adata`.
+
+    Returns
+    -------
+    `None`, or the copy when ``copy=True``. Writes:
+
+    ``obsm["X_<key_added>"]``
+        The embedding (last hidden layer) of every cell; use with ``sc.pp.neighbors(use_rep=...)``.
+    ``obsm["<key_added>_proba"]``
+        Class probabilities, columns in the order of ``uns[key_added]["classes"]``.
+    ``obs["<key_added>_pred"]``
+        Predicted class (categorical).
+    ``obs["<key_added>_split"]``
+        ``train`` / ``validation`` / ``test`` / ``unlabeled``.
+    ``uns[key_added]``
+        ``params``, ``history`` (loss and accuracy per epoch, train and validation), ``classes``,
+        ``test_accuracy``, ``test_macro_f1``, ``test_ari``, ``test_ami`` (predictions vs `groupby` on the
+        test cells), ``silhouette`` (of the test cells' embedding, grouped by `groupby`) and ``model`` (the
+        trained network; `scext.models.Kratos.from_adata` rebuilds it, `scext.tl.kratos_predict` uses it).
+    """
+    start = logg.info(f"training KRATOS classifier on {groupby!r}")
+    torch_device = resolve_device(device)
+    labels = _validated_labels(adata, groupby)
+    _check_fractions(test_size, validation_size)
+    matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
+    rng, generator = seed_everything(random_state)
+
+    classes = list(labels.cat.categories)
+    codes = labels.cat.codes.to_numpy()
+    labelled = np.flatnonzero(codes >= 0)
+    is_test = np.zeros(len(codes), dtype=bool)
+    is_test[labelled] = stratified_split(codes[labelled], test_size, rng)
+    train_pool = labelled[~is_test[labelled]]
+    is_validation = np.zeros(len(codes), dtype=bool)
+    is_validation[train_pool] = stratified_split(codes[train_pool], validation_size, rng)
+    train_rows = train_pool[~is_validation[train_pool]]
+    validation_rows = np.flatnonzero(is_validation)
+    test_rows = np.flatnonzero(is_test)
+
+    model = Kratos(var_names, classes, hidden_sizes, layer=layer, use_raw=use_raw)
+    model.fit_scaler(matrix, train_rows, scale=scale)
+    history = model.fit(
+        matrix,
+        np.where(codes >= 0, codes, 0),
+        train_rows,
+        validation_rows,
+        n_epochs=n_epochs,
+        lr=lr,
+        batch_size=batch_size,
+        patience=patience,
+        device=torch_device,
+        generator=generator,
+        progress_bar=progress_bar,
+    )
+    embedding, proba = model.embed_and_classify(matrix, torch_device)
+    predicted = proba.argmax(axis=1)
+
+    split = np.full(len(codes), "unlabeled", dtype=object)
+    split[train_rows], split[validation_rows], split[test_rows] = "train", "validation", "test"
+    summary = _test_summary(codes, predicted, embedding, test_rows, classes, random_state)
+
+    if copy:
+        adata = adata.copy()
+    adata.obsm[f"X_{key_added}"] = embedding
+    adata.obsm[f"{key_added}_proba"] = proba
+    adata.obs[f"{key_added}_pred"] = pd.Categorical.from_codes(predicted, categories=classes)
+    adata.obs[f"{key_added}_split"] = pd.Categorical(split, categories=SPLITS)
+    adata.uns[key_added] = {
+        "params": {
+            "groupby": groupby,
+            "layer": "" if layer is None else layer,
+            "use_raw": bool(use_raw),
+            "input": matrix_source(layer, use_raw),
+            "hidden_sizes": np.asarray(hidden_sizes, dtype=np.int64),
+            "n_epochs": int(n_epochs),
+            "lr": float(lr),
+            "batch_size": int(batch_size),
+            "test_size": float(test_size),
+            "validation_size": float(validation_size),
+            "patience": -1 if patience is None else int(patience),
+            "scale": bool(scale),
+            "device": str(torch_device),
+            "random_state": int(random_state),
+            "scext_version": __version__,
+        },
+        "history": {name: np.asarray(values) for name, values in history.items()},
+        "classes": np.asarray(classes, dtype=object),
+        **summary,
+        "model": model.to_dict(),
+    }
+    accuracy = summary.get("test_accuracy", float("nan"))
+    logg.info(
+        f"    finished (test accuracy {accuracy:.3f})",
+        time=start,
+        deep=(
+            f"added\n    'X_{key_added}', embedding (adata.obsm)\n    '{key_added}_proba' (adata.obsm)\n"
+            f"    '{key_added}_pred', '{key_added}_split' (adata.obs)\n    '{key_added}' (adata.uns)"
+        ),
+    )
+    return adata if copy else None
+
+
+def kratos_predict(
+    adata: AnnData,
+    model: Kratos | AnnData,
+    *,
+    key: str = "kratos",
+    device: str | torch.device = "auto",
+    batch_size: int = 4096,
+    key_added: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Classify and embed the cells of `adata` with a trained KRATOS model.
+
+    Parameters
+    ----------
+    adata
+        New cells. Must hold every gene of the model, in the same units (layer, normalisation) as the
+        training data; extra genes are ignored and the order may differ.
+    model
+        A `scext.models.Kratos`, or the AnnData `scext.tl.kratos` was run on (the model is read from
+        ``uns[key]``, which survives ``write_h5ad`` / ``read_h5ad``).
+    key
+        Where the model lives in the reference AnnData.
+    key_added
+        Prefix of the slots written; defaults to `key`.
+
+    Returns
+    -------
+    `None`, or the copy when ``copy=True``. Writes ``obsm["X_<key_added>"]``, ``obsm["<key_added>_proba"]``,
+    ``obs["<key_added>_pred"]`` as `scext.tl.kratos` does, and ``uns["<key_added>_predict"]["classes"]``.
+    """
+    key_added = key if key_added is None else key_added
+    start = logg.info("classifying cells with a trained KRATOS model")
+    torch_device = resolve_device(device)
+    if isinstance(model, AnnData):
+        model = Kratos.from_adata(model, key=key)
+    if not isinstance(model, Kratos):
+        raise TypeError(
+            f"model must be a scext.models.Kratos or a trained AnnData, got {type(model).__name__}."
+        )
+    matrix = model.aligned_matrix(adata)
+    embedding, proba = model.embed_and_classify(matrix, torch_device, batch_size)
+    if copy:
+        adata = adata.copy()
+    adata.obsm[f"X_{key_added}"] = embedding
+    adata.obsm[f"{key_added}_proba"] = proba
+    adata.obs[f"{key_added}_pred"] = pd.Categorical.from_codes(proba.argmax(axis=1), categories=model.classes)
+    adata.uns[f"{key_added}_predict"] = {"classes": np.asarray(model.classes, dtype=object)}
+    logg.info(
+        "    finished", time=start, deep=f"added 'X_{key_added}', '{key_added}_proba', '{key_added}_pred'"
+    )
+    return adata if copy else None
+
+
+def _validated_labels(adata: AnnData, groupby: str) -> pd.Series:
+    if groupby not in adata.obs:
+        raise KeyError(
+            f"groupby={groupby!r} is not a column of adata.obs (have: {list(adata.obs.columns)}); "
+            "pass the column that holds the cell-type labels."
+        )
+    column = adata.obs[groupby]
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        # keep the user's category order, which Scanpy's plots follow
+        labels = column.cat.remove_unused_categories()
+        labels = labels.cat.rename_categories([str(c) for c in labels.cat.categories])
+    else:
+        labels = column.astype(str).where(column.notna()).astype("category")
+    counts = labels.value_counts()
+    if len(counts) < 2:
+        raise ValueError(f"obs[{groupby!r}] has {len(counts)} class(es); a classifier needs at least 2.")
+    singletons = list(counts.index[counts < 2])
+    if singletons:
+        raise ValueError(
+            f"obs[{groupby!r}] has classes with a single cell: {singletons}. A class needs at least two "
+            "cells (one to train, one to test); merge or drop those cells first."
+        )
+    return labels
+
+
+def _check_fractions(test_size: float, validation_size: float) -> None:
+    for name, value in (("test_size", test_size), ("validation_size", validation_size)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value}.")
+
+
+def _test_summary(codes, predicted, embedding, test_rows, classes, random_state) -> dict:
+    if len(test_rows) == 0:
+        return {}
+    truth, guess = codes[test_rows], predicted[test_rows]
+    names = np.asarray(classes, dtype=object)
+    scores = clustering_scores(names[truth], names[guess], embedding[test_rows], random_state=random_state)
+    return {
+        "test_accuracy": float(accuracy_score(truth, guess)),
+        "test_macro_f1": float(f1_score(truth, guess, average="macro")),
+        "test_ari": scores["ari"],
+        "test_ami": scores["ami"],
+        "silhouette": scores.get("silhouette", float("nan")),
+    }

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scanpy as sc
+from test_kratos import assert_untouched, snapshot
+
+import scext
+
+METHODS = ["cw", "smoothgrad", "integrated_gradients"]
+
+
+@pytest.fixture(scope="module")
+def ranked(trained_toy):
+    adata = trained_toy.copy()
+    for method in METHODS:
+        scext.tl.rank_genes_perturbation(adata, method=method, device="cpu")
+    return adata
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_planted_markers_rank_first(ranked, method):
+    result = ranked.uns[f"kratos_{method}"]
+    for group in result["names"].dtype.names:
+        top = ranked.var.loc[list(result["names"][group][:6]), "marker_of"]
+        assert (top != "none").mean() >= 0.8, f"{method}, {group}: unplanted genes in the top 6: {list(top)}"
+        if method == "cw":
+            # one-vs-rest CW lowers the group's own markers and raises a rival's: the genes pushed down
+            # hardest are the group's own markers
+            pushed_down = np.argsort(result["signed_scores"][group])[:4]
+            own = ranked.var.loc[list(result["names"][group][pushed_down]), "marker_of"]
+        else:
+            own = top[:5]
+        assert (own == group).mean() >= 0.8, f"{method}, {group}: {list(own)}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_genes_groups_layout(ranked, method):
+    key = f"kratos_{method}"
+    result = ranked.uns[key]
+    groups = ["type_0", "type_1", "type_2"]
+    assert list(result["names"].dtype.names) == groups
+    for field in ("names", "scores", "signed_scores", "logfoldchanges", "pvals", "pvals_adj"):
+        assert len(result[field]) == ranked.n_vars
+    for group in groups:
+        scores = result["scores"][group]
+        assert (np.diff(scores) <= 0).all()
+        assert sorted(result["names"][group]) == sorted(ranked.var_names)
+    assert result["params"]["groupby"] == "cell_type" and result["params"]["reference"] == "rest"
+    assert ranked.varm[f"{key}_scores"].shape == (ranked.n_vars, 3)
+    # markers are up in their group: positive log fold change and positive signed attribution for gradients
+    frame = sc.get.rank_genes_groups_df(ranked, group="type_0", key=key).head(3)
+    assert (frame["logfoldchanges"] > 1).all()
+    if method != "cw":
+        signed = dict(zip(result["names"]["type_0"], result["signed_scores"]["type_0"], strict=True))
+        assert all(signed[g] > 0 for g in frame["names"])
+
+
+def test_cw_perturbation_pushes_markers_down(ranked):
+    result = ranked.uns["kratos_cw"]
+    # leaving a class means lowering its own markers: the mean perturbation of its top genes is negative
+    assert (result["signed_scores"]["type_1"][:3] < 0).all()
+
+
+def test_scanpy_plots_after_h5ad_round_trip(ranked, tmp_path):
+    path = tmp_path / "ranked.h5ad"
+    ranked.write_h5ad(path)
+    adata = sc.read_h5ad(path)
+    frame = sc.get.rank_genes_groups_df(adata, group=None, key="kratos_cw")
+    assert len(frame) == 3 * adata.n_vars
+    sc.pl.rank_genes_groups_dotplot(adata, key="kratos_cw", n_genes=3, show=False)
+    sc.pl.rank_genes_groups_heatmap(adata, key="kratos_smoothgrad", n_genes=3, show=False)
+    sc.pl.rank_genes_groups_matrixplot(
+        adata, key="kratos_integrated_gradients", n_genes=3, values_to_plot="logfoldchanges", show=False
+    )
+    # panels can be recomputed from the stored model after the round trip
+    scext.tl.rank_genes_perturbation(adata, method="smoothgrad", key_added="again", device="cpu")
+    np.testing.assert_array_equal(
+        adata.uns["again"]["names"]["type_2"], ranked.uns["kratos_smoothgrad"]["names"]["type_2"]
+    )
+
+
+def test_one_vs_one_towards_a_reference(trained_toy):
+    adata = trained_toy.copy()
+    scext.tl.rank_genes_perturbation(adata, method="cw", reference="type_2", key_added="ovo", device="cpu")
+    result = adata.uns["ovo"]
+    assert list(result["names"].dtype.names) == ["type_0", "type_1"]
+    assert result["params"]["reference"] == "type_2"
+    top = list(result["names"]["type_0"][:10])
+    # moving type_0 cells to type_2 involves type_0's and type_2's markers, not type_1's
+    roles = adata.var.loc[top, "marker_of"]
+    assert roles.isin(["type_0", "type_2"]).mean() >= 0.8
+    sc.pl.rank_genes_groups_dotplot(adata, key="ovo", n_genes=2, show=False)
+
+
+def test_same_seed_same_smoothgrad(trained_toy):
+    first, second = trained_toy.copy(), trained_toy.copy()
+    for adata in (first, second):
+        scext.tl.rank_genes_perturbation(adata, method="smoothgrad", random_state=5, device="cpu")
+    np.testing.assert_array_equal(
+        first.uns["kratos_smoothgrad"]["scores"]["type_0"],
+        second.uns["kratos_smoothgrad"]["scores"]["type_0"],
+    )
+
+
+def test_results_do_not_depend_on_batch_size(trained_toy):
+    small, large = trained_toy.copy(), trained_toy.copy()
+    scext.tl.rank_genes_perturbation(small, method="cw", batch_size=7, device="cpu", cw_max_iter=30)
+    scext.tl.rank_genes_perturbation(large, method="cw", batch_size=1000, device="cpu", cw_max_iter=30)
+    np.testing.assert_allclose(
+        small.varm["kratos_cw_scores"], large.varm["kratos_cw_scores"], rtol=1e-4, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"method": "shap"}, ValueError, "unknown"),
+        ({"key": "absent"}, KeyError, "no KRATOS model"),
+        ({"groups": ["type_9"]}, ValueError, "not classes"),
+        ({"reference": "type_9"}, ValueError, "not classes"),
+        ({"ig_baseline": "median", "method": "integrated_gradients"}, ValueError, "ig_baseline"),
+        ({"device": "cuda:5"}, ValueError, "CUDA"),
+    ],
+)
+def test_bad_arguments_raise_and_leave_adata_untouched(trained_toy, kwargs, error, message):
+    adata = trained_toy.copy()
+    before = snapshot(adata)
+    with pytest.raises(error, match=message):
+        scext.tl.rank_genes_perturbation(adata, **kwargs)
+    assert_untouched(adata, before)
+
+
+def test_copy_returns_result_and_leaves_input(trained_toy):
+    adata = trained_toy.copy()
+    before = snapshot(adata)
+    out = scext.tl.rank_genes_perturbation(adata, method="integrated_gradients", copy=True, device="cpu")
+    assert_untouched(adata, before)
+    assert "kratos_integrated_gradients" in out.uns
+
+
+def test_pbmc68k_reduced_group_names_with_slashes_round_trip(tmp_path):
+    adata = sc.datasets.pbmc68k_reduced()
+    scext.tl.kratos(adata, groupby="bulk_labels", n_epochs=5, device="cpu")
+    scext.tl.rank_genes_perturbation(adata, method="smoothgrad", sg_n_samples=5, device="cpu")
+    adata.write_h5ad(tmp_path / "pbmc.h5ad")
+    reread = sc.read_h5ad(tmp_path / "pbmc.h5ad")
+    result = reread.uns["kratos_smoothgrad"]
+    assert "CD4+/CD25 T Reg" in result["names"].dtype.names
+    assert result["n_cells"].dtype.names == result["names"].dtype.names
+    sc.pl.rank_genes_groups_dotplot(reread, key="kratos_smoothgrad", n_genes=2, show=False)
