@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--outdir", default="quickstart_output", help="folder for figures and tables")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--n-epochs", type=int, default=100, help="KRATOS training epochs (paper: 100)")
+    parser.add_argument("--svm-iter", type=int, default=5, help="random-search size of the panel AUROC")
     args = parser.parse_args(argv)
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> Path:
     sc.settings.figdir = outdir
 
     adata = sc.datasets.pbmc68k_reduced()
-    scext.tl.kratos(adata, groupby="bulk_labels", device=args.device)
+    scext.tl.kratos(adata, groupby="bulk_labels", n_epochs=args.n_epochs, device=args.device)
     result = adata.uns["kratos"]
     print(
         f"test accuracy {result['test_accuracy']:.3f}, macro F1 {result['test_macro_f1']:.3f}, "
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> Path:
         "KRATOS IG": "kratos_integrated_gradients",
         "Scanpy wilcoxon": "wilcoxon",
     }
-    auroc = scext.metrics.compare_panels(adata, keys, metric="auroc", fractions=(0.005, 0.01, 0.05), n_iter=5)
+    auroc = scext.metrics.compare_panels(
+        adata, keys, metric="auroc", fractions=(0.005, 0.01, 0.05), n_iter=args.svm_iter
+    )
     auroc.to_csv(outdir / "panel_auroc.csv", index=False)
     scext.pl.discriminative_power(auroc, save="_quickstart.png", show=False)
     print(auroc.groupby(["method", "fraction"])["auroc"].mean().unstack().round(3).to_string())

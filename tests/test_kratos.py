@@ -195,3 +195,20 @@ def test_settings_device_is_the_auto_default(monkeypatch):
     monkeypatch.setattr(scext.settings, "device", "cuda:9")
     with pytest.raises(ValueError, match="CUDA"):
         resolve_device("auto")
+
+
+def test_quickstart_writes_figures_and_tables(tmp_path):
+    from scext import quickstart
+
+    outdir = quickstart.main(
+        ["--outdir", str(tmp_path), "--n-epochs", "3", "--svm-iter", "1", "--device", "cpu"]
+    )
+    written = {p.name for p in outdir.iterdir()}
+    for name in (
+        "umap_kratos.png",
+        "kratos_history_quickstart.png",
+        "panel_auroc.csv",
+        "panels_cw.csv",
+        "pbmc68k_kratos.h5ad",
+    ):
+        assert name in written, f"{name} missing from {sorted(written)}"

@@ -196,7 +196,7 @@ class Kratos:
             "var_names": np.asarray(self.var_names, dtype=object),
             "classes": np.asarray(self.classes, dtype=object),
             "hidden_sizes": np.asarray(self.hidden_sizes, dtype=np.int64),
-            "layer": "" if self.layer is None else self.layer,
+            "layer": self.layer,
             "use_raw": self.use_raw,
             "state_dict": {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()},
         }
@@ -207,7 +207,7 @@ class Kratos:
             var_names=list(state["var_names"]),
             classes=list(state["classes"]),
             hidden_sizes=[int(h) for h in state["hidden_sizes"]],
-            layer=str(state["layer"]) or None,
+            layer=state["layer"],
             use_raw=bool(state["use_raw"]),
         )
         model.net.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state["state_dict"].items()})

@@ -148,7 +148,7 @@ def kratos(
     adata.uns[key_added] = {
         "params": {
             "groupby": groupby,
-            "layer": "" if layer is None else layer,
+            "layer": layer,
             "use_raw": bool(use_raw),
             "input": matrix_source(layer, use_raw),
             "hidden_sizes": np.asarray(hidden_sizes, dtype=np.int64),
@@ -157,7 +157,7 @@ def kratos(
             "batch_size": int(batch_size),
             "test_size": float(test_size),
             "validation_size": float(validation_size),
-            "patience": -1 if patience is None else int(patience),
+            "patience": patience,
             "scale": bool(scale),
             "device": str(torch_device),
             "random_state": int(random_state),

@@ -165,7 +165,7 @@ def rank_genes_perturbation(
         "reference": reference,
         "method": f"kratos_{method}",
         "use_raw": model.use_raw,
-        "layer": "" if model.layer is None else model.layer,
+        "layer": model.layer,
         "corr_method": "none",
         "model_key": key,
         "cw_tradeoff": cw_tradeoff,
