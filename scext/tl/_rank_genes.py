@@ -8,8 +8,10 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
+from tqdm.auto import tqdm
 
 from .. import __version__
+from .._settings import settings
 from .._utils import resolve_device, seed_everything
 from ..models import Kratos
 from ..models._attribution import cw_perturbation, integrated_gradients, smoothgrad
@@ -37,6 +39,7 @@ def rank_genes_perturbation(
     batch_size: int = 512,
     device: str | torch.device = "auto",
     random_state: int = 0,
+    progress_bar: bool | None = None,
     key_added: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
@@ -81,6 +84,8 @@ def rank_genes_perturbation(
         Cells explained at once (memory scales with ``batch_size x genes``); results do not depend on it.
     device, random_state
         As in `scext.tl.kratos`; `random_state` seeds SmoothGrad's noise.
+    progress_bar
+        Show a bar over groups; defaults to `scext.settings.progress_bar`.
     key_added
         Defaults to ``"<key>_<method>"``.
 
@@ -128,7 +133,8 @@ def rank_genes_perturbation(
     reference_index = None if reference == "rest" else model.classes.index(reference)
 
     scores, signed, n_cells = {}, {}, {}
-    for group in groups:
+    show = settings.progress_bar if progress_bar is None else progress_bar
+    for group in tqdm(groups, desc=f"{method} per group", disable=not show, leave=False):
         rows = np.flatnonzero((labels == group) & (predicted == group))
         if len(rows) == 0:
             warnings.warn(
