@@ -1,6 +1,15 @@
 """Model classes: plain torch modules plus the genes, classes and scaler they need. No AnnData inside a module."""
 
 from ._attribution import cw_perturbation, integrated_gradients, smoothgrad
+from ._gene_gcn import GeneGraphSmoothing, normalized_prior
 from ._kratos import Kratos, KratosNet
 
-__all__ = ["Kratos", "KratosNet", "cw_perturbation", "integrated_gradients", "smoothgrad"]
+__all__ = [
+    "GeneGraphSmoothing",
+    "Kratos",
+    "KratosNet",
+    "cw_perturbation",
+    "integrated_gradients",
+    "normalized_prior",
+    "smoothgrad",
+]

@@ -16,20 +16,30 @@ from torch import nn
 
 from .._utils import get_matrix
 from ..train import iter_minibatches, map_minibatches, train_loop
+from ._gene_gcn import GeneGraphSmoothing
 
 MODEL_FILE = "kratos_model.pt"
+BACKBONES = ("mlp", "gene_gcn")
 CPU = torch.device("cpu")
 
 
 class KratosNet(nn.Module):
-    """Per-gene standardisation, then fully connected ReLU layers (the last is the embedding), then logits.
+    """Per-gene standardisation, an optional backbone (paper 001's gene-graph smoothing), then fully
+    connected ReLU layers (the last is the embedding), then logits.
 
     The standardisation is part of the module, so training, prediction and every explanation method see
     the same scaled input; explanations work in that scaled space (`forward_standardized`).
     """
 
-    def __init__(self, n_genes: int, n_classes: int, hidden_sizes: Sequence[int] = (256, 64)):
+    def __init__(
+        self,
+        n_genes: int,
+        n_classes: int,
+        hidden_sizes: Sequence[int] = (256, 64),
+        smoothing: nn.Module | None = None,
+    ):
         super().__init__()
+        self.smoothing = nn.Identity() if smoothing is None else smoothing
         self.register_buffer("center", torch.zeros(n_genes))
         self.register_buffer("scale", torch.ones(n_genes))
         layers: list[nn.Module] = []
@@ -43,15 +53,18 @@ class KratosNet(nn.Module):
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.center) / self.scale
 
+    def embed_standardized(self, z: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.smoothing(z))
+
     def forward_standardized(self, z: torch.Tensor) -> torch.Tensor:
         """Logits from already standardised input."""
-        return self.head(self.encoder(z))
+        return self.head(self.embed_standardized(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_standardized(self.standardize(x))
 
     def embed_and_classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.encoder(self.standardize(x))
+        embedding = self.embed_standardized(self.standardize(x))
         return embedding, torch.softmax(self.head(embedding), dim=1)
 
 
@@ -81,6 +94,12 @@ class Kratos:
         Widths of the hidden ReLU layers; the last one is the embedding.
     layer, use_raw
         Where the model reads expression in an AnnData (as in `scext.tl.kratos`).
+    backbone
+        ``"mlp"`` (paper 000) or ``"gene_gcn"`` (paper 001's gene-graph smoothing before the classifier).
+    gene_dim, key_dim
+        Gene feature and key sizes of the ``gene_gcn`` backbone.
+    prior
+        Normalised prior gene graph for ``gene_gcn`` (`scext.models.normalized_prior`), or None.
     """
 
     def __init__(
@@ -90,13 +109,29 @@ class Kratos:
         hidden_sizes: Sequence[int] = (256, 64),
         layer: str | None = None,
         use_raw: bool = False,
+        backbone: str = "mlp",
+        gene_dim: int = 8,
+        key_dim: int = 8,
+        prior: sp.coo_matrix | None = None,
     ):
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone={backbone!r} is unknown; choose one of {BACKBONES}.")
+        if prior is not None and backbone != "gene_gcn":
+            raise ValueError("A prior gene graph is used by backbone='gene_gcn' only.")
         self.var_names = pd.Index([str(g) for g in var_names])
         self.classes = [str(c) for c in classes]
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         self.layer = layer
         self.use_raw = bool(use_raw)
-        self.net = KratosNet(len(self.var_names), len(self.classes), self.hidden_sizes)
+        self.backbone = backbone
+        self.gene_dim, self.key_dim = int(gene_dim), int(key_dim)
+        self.prior = prior
+        smoothing = (
+            GeneGraphSmoothing(len(self.var_names), self.gene_dim, self.key_dim, prior)
+            if backbone == "gene_gcn"
+            else None
+        )
+        self.net = KratosNet(len(self.var_names), len(self.classes), self.hidden_sizes, smoothing)
 
     # ------------------------------------------------------------------ training
     def fit_scaler(self, matrix, rows: np.ndarray, scale: bool = True) -> None:
@@ -165,6 +200,48 @@ class Kratos:
             description="kratos",
         )
 
+    def pretrain_autoencoder(
+        self,
+        matrix,
+        train_rows: np.ndarray,
+        *,
+        n_epochs: int = 20,
+        lr: float = 1e-3,
+        batch_size: int = 64,
+        device: torch.device = CPU,
+        generator: torch.Generator | None = None,
+        progress_bar: bool | None = None,
+    ) -> dict[str, list[float]]:
+        """Initialise the layers up to the embedding as the encoder of an autoencoder (paper 001).
+
+        The decoder mirrors the hidden layers back to the genes and is discarded afterwards; the loss is
+        the MSE of the standardised expression. Labels are not used. Returns the history.
+        """
+        net = self.net.to(device)
+        widths = [*reversed(self.hidden_sizes), len(self.var_names)]
+        layers: list[nn.Module] = []
+        for width_in, width_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+        decoder = nn.Sequential(*layers[:-1]).to(device)  # linear output: standardised values are signed
+        optimizer = torch.optim.Adam([*net.parameters(), *decoder.parameters()], lr=lr)
+        autoencoder = nn.ModuleDict({"net": net, "decoder": decoder})
+
+        def step(batch):
+            z = net.standardize(batch[0])
+            return {"loss": torch.nn.functional.mse_loss(decoder(net.embed_standardized(z)), z)}
+
+        return train_loop(
+            autoencoder,
+            optimizer,
+            step=step,
+            batches=lambda: iter_minibatches(
+                matrix, train_rows, batch_size, device, shuffle=True, generator=generator
+            ),
+            n_epochs=n_epochs,
+            progress_bar=progress_bar,
+            description="kratos autoencoder",
+        )
+
     # ------------------------------------------------------------------ inference
     def aligned_matrix(self, adata: AnnData):
         """The AnnData's expression in this model's gene order; raises if genes are missing."""
@@ -190,29 +267,62 @@ class Kratos:
         return embedding, proba
 
     # ------------------------------------------------------------------ persistence
-    def to_dict(self) -> dict:
-        """Plain types and numpy arrays only, so the model fits in ``adata.uns`` and in an h5ad file."""
+    def _config(self) -> dict:
         return {
-            "var_names": np.asarray(self.var_names, dtype=object),
-            "classes": np.asarray(self.classes, dtype=object),
-            "hidden_sizes": np.asarray(self.hidden_sizes, dtype=np.int64),
+            "var_names": list(self.var_names),
+            "classes": list(self.classes),
+            "hidden_sizes": list(self.hidden_sizes),
             "layer": self.layer,
             "use_raw": self.use_raw,
-            "state_dict": {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()},
+            "backbone": self.backbone,
+            "gene_dim": self.gene_dim,
+            "key_dim": self.key_dim,
         }
+
+    def _arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        arrays = {"state_dict": {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}}
+        if self.prior is not None:
+            arrays["prior"] = {"row": self.prior.row, "col": self.prior.col, "data": self.prior.data}
+        return arrays
+
+    @classmethod
+    def _build(cls, config: dict, arrays: dict) -> Kratos:
+        prior = arrays.get("prior")
+        if prior is not None:
+            n_genes = len(config["var_names"])
+            prior = sp.coo_matrix(
+                (np.asarray(prior["data"]), (np.asarray(prior["row"]), np.asarray(prior["col"]))),
+                shape=(n_genes, n_genes),
+            )
+        model = cls(**config, prior=prior)
+        model.net.load_state_dict(
+            {k: torch.as_tensor(np.asarray(v)) for k, v in arrays["state_dict"].items()}
+        )
+        model.net.eval()
+        return model
+
+    def to_dict(self) -> dict:
+        """Plain types and numpy arrays only, so the model fits in ``adata.uns`` and in an h5ad file."""
+        config = self._config()
+        config["var_names"] = np.asarray(config["var_names"], dtype=object)
+        config["classes"] = np.asarray(config["classes"], dtype=object)
+        config["hidden_sizes"] = np.asarray(config["hidden_sizes"], dtype=np.int64)
+        return {**config, **self._arrays()}
 
     @classmethod
     def from_dict(cls, state: dict) -> Kratos:
-        model = cls(
-            var_names=list(state["var_names"]),
-            classes=list(state["classes"]),
-            hidden_sizes=[int(h) for h in state["hidden_sizes"]],
-            layer=state["layer"],
-            use_raw=bool(state["use_raw"]),
-        )
-        model.net.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state["state_dict"].items()})
-        model.net.eval()
-        return model
+        config = {
+            "var_names": [str(g) for g in state["var_names"]],
+            "classes": [str(c) for c in state["classes"]],
+            "hidden_sizes": [int(h) for h in state["hidden_sizes"]],
+            "layer": state["layer"],
+            "use_raw": bool(state["use_raw"]),
+            # models written before the gene_gcn backbone existed are MLPs
+            "backbone": str(state.get("backbone", "mlp")),
+            "gene_dim": int(state.get("gene_dim", 8)),
+            "key_dim": int(state.get("key_dim", 8)),
+        }
+        return cls._build(config, state)
 
     @classmethod
     def from_adata(cls, adata: AnnData, key: str = "kratos") -> Kratos:
@@ -230,31 +340,19 @@ class Kratos:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         directory.mkdir(parents=True, exist_ok=True)
-        state = self.to_dict()
-        torch.save(
-            {
-                "meta": json.dumps(
-                    {
-                        "var_names": list(self.var_names),
-                        "classes": self.classes,
-                        "hidden_sizes": list(self.hidden_sizes),
-                        "layer": self.layer,
-                        "use_raw": self.use_raw,
-                    }
-                ),
-                "state_dict": {k: torch.as_tensor(v) for k, v in state["state_dict"].items()},
-            },
-            path,
-        )
+        tensors = {
+            name: {k: torch.as_tensor(v) for k, v in group.items()} for name, group in self._arrays().items()
+        }
+        torch.save({"meta": json.dumps(self._config()), **tensors}, path)
 
     @classmethod
     def load(cls, directory: str | Path, adata: AnnData | None = None) -> Kratos:
         """Read a model written by `save`; with `adata`, check that its genes cover the model's."""
         saved = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
-        meta = json.loads(saved["meta"])
-        model = cls(meta["var_names"], meta["classes"], meta["hidden_sizes"], meta["layer"], meta["use_raw"])
-        model.net.load_state_dict(saved["state_dict"])
-        model.net.eval()
+        arrays = {
+            name: {k: v.numpy() for k, v in group.items()} for name, group in saved.items() if name != "meta"
+        }
+        model = cls._build(json.loads(saved["meta"]), arrays)
         if adata is not None:
             model.aligned_matrix(adata)
         return model

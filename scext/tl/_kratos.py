@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from .. import __version__
 from .._utils import get_matrix, matrix_source, resolve_device, seed_everything, stratified_split
 from ..metrics import clustering_scores
-from ..models import Kratos
+from ..models import Kratos, normalized_prior
 
 SPLITS = ["train", "validation", "test", "unlabeled"]
 
@@ -24,6 +24,13 @@ def kratos(
     layer: str | None = None,
     use_raw: bool = False,
     hidden_sizes: Sequence[int] = (256, 64),
+    backbone: str = "mlp",
+    prior_graph: str | None = None,
+    prior_diagonal: str = "zero",
+    gene_dim: int = 8,
+    key_dim: int = 8,
+    init: str = "random",
+    pretrain_epochs: int = 20,
     n_epochs: int = 100,
     lr: float = 1e-3,
     batch_size: int = 64,
@@ -57,6 +64,21 @@ def kratos(
         stays sparse; only minibatches are densified.
     hidden_sizes
         Hidden layer widths; the last is the embedding size.
+    backbone
+        ``"mlp"`` (paper 000) or ``"gene_gcn"``: paper 001's feature smoothing before the classifier, a
+        per-cell gene graph learned by embedded dot product (softmax rows), plus the prior graph if given,
+        one GCN layer ``ReLU(G Z W)`` and a residual sum (`scext.models.GeneGraphSmoothing`). Its cost grows
+        with genes squared per cell: select a few thousand genes (e.g. highly variable ones) first.
+    prior_graph
+        Key of ``adata.varp`` holding a genes x genes interaction-score matrix (e.g. STRING scores) used as
+        the prior global graph of ``gene_gcn``; scores are divided by their maximum.
+    prior_diagonal
+        ``"zero"`` or ``"one"``: the prior graph's diagonal (the paper's two variants).
+    gene_dim, key_dim
+        Gene feature size d and key size d_k of ``gene_gcn``.
+    init
+        ``"random"`` or ``"autoencoder"``: first train the layers up to the embedding as the encoder of an
+        autoencoder on the training cells (paper 001), for `pretrain_epochs`.
     n_epochs, lr, batch_size
         Adam training; the paper's 100, 1e-3 and 64.
     test_size, validation_size
@@ -102,7 +124,10 @@ def kratos(
     torch_device = resolve_device(device)
     labels = _validated_labels(adata, groupby)
     _check_fractions(test_size, validation_size)
+    if init not in ("random", "autoencoder"):
+        raise ValueError(f"init={init!r} is unknown; choose 'random' or 'autoencoder'.")
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
+    prior = _prior(adata, prior_graph, prior_diagonal, backbone, use_raw)
     rng, generator = seed_everything(random_state)
 
     classes = list(labels.cat.categories)
@@ -117,8 +142,30 @@ def kratos(
     validation_rows = np.flatnonzero(is_validation)
     test_rows = np.flatnonzero(is_test)
 
-    model = Kratos(var_names, classes, hidden_sizes, layer=layer, use_raw=use_raw)
+    model = Kratos(
+        var_names,
+        classes,
+        hidden_sizes,
+        layer=layer,
+        use_raw=use_raw,
+        backbone=backbone,
+        gene_dim=gene_dim,
+        key_dim=key_dim,
+        prior=prior,
+    )
     model.fit_scaler(matrix, train_rows, scale=scale)
+    pretraining = {}
+    if init == "autoencoder":
+        pretraining = model.pretrain_autoencoder(
+            matrix,
+            train_rows,
+            n_epochs=pretrain_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            device=torch_device,
+            generator=generator,
+            progress_bar=progress_bar,
+        )
     history = model.fit(
         matrix,
         np.where(codes >= 0, codes, 0),
@@ -152,6 +199,13 @@ def kratos(
             "use_raw": bool(use_raw),
             "input": matrix_source(layer, use_raw),
             "hidden_sizes": np.asarray(hidden_sizes, dtype=np.int64),
+            "backbone": backbone,
+            "prior_graph": prior_graph,
+            "prior_diagonal": prior_diagonal,
+            "gene_dim": int(gene_dim),
+            "key_dim": int(key_dim),
+            "init": init,
+            "pretrain_epochs": int(pretrain_epochs) if init == "autoencoder" else 0,
             "n_epochs": int(n_epochs),
             "lr": float(lr),
             "batch_size": int(batch_size),
@@ -163,7 +217,10 @@ def kratos(
             "random_state": int(random_state),
             "scext_version": __version__,
         },
-        "history": {name: np.asarray(values) for name, values in history.items()},
+        "history": {
+            **{name: np.asarray(values) for name, values in history.items()},
+            **{f"pretrain_{name}": np.asarray(values) for name, values in pretraining.items()},
+        },
         "classes": np.asarray(classes, dtype=object),
         **summary,
         "model": model.to_dict(),
@@ -256,6 +313,22 @@ def _validated_labels(adata: AnnData, groupby: str) -> pd.Series:
             "cells (one to train, one to test); merge or drop those cells first."
         )
     return labels
+
+
+def _prior(adata: AnnData, key: str | None, diagonal: str, backbone: str, use_raw: bool):
+    if key is None:
+        return None
+    if backbone != "gene_gcn":
+        raise ValueError(
+            f"prior_graph={key!r} is used by backbone='gene_gcn' only; pass backbone='gene_gcn'."
+        )
+    if use_raw:
+        raise ValueError(
+            "prior_graph lives in adata.varp, whose genes are not those of adata.raw; use X or a layer."
+        )
+    if key not in adata.varp:
+        raise KeyError(f"prior_graph={key!r} is not in adata.varp (have: {list(adata.varp.keys())}).")
+    return normalized_prior(adata.varp[key], diagonal)
 
 
 def _check_fractions(test_size: float, validation_size: float) -> None:
