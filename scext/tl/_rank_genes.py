@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -129,7 +130,22 @@ def rank_genes_perturbation(
     net = model.net.to(torch_device).eval()
     for parameter in net.parameters():
         parameter.requires_grad_(False)
-    baseline = _baseline(net, model, ig_baseline, torch_device)
+    explain = {
+        "cw": partial(
+            cw_perturbation,
+            tradeoff=cw_tradeoff,
+            margin=cw_margin,
+            lr=cw_lr,
+            max_iter=cw_max_iter,
+            space=cw_space,
+        ),
+        "smoothgrad": partial(smoothgrad, n_samples=sg_n_samples, noise_std=sg_noise_std),
+        "integrated_gradients": partial(
+            integrated_gradients,
+            baseline=_baseline(net, model, ig_baseline, torch_device),
+            n_steps=ig_n_steps,
+        ),
+    }[method]
     reference_index = None if reference == "rest" else model.classes.index(reference)
 
     scores, signed, n_cells = {}, {}, {}
@@ -145,16 +161,7 @@ def rank_genes_perturbation(
         total_abs = torch.zeros_like(total)
         for chunk in range(0, len(rows), batch_size):
             z = net.standardize(dense_rows(matrix, rows[chunk : chunk + batch_size], torch_device))
-            attribution = _attribute(
-                method,
-                net.forward_standardized,
-                z,
-                model.classes.index(group),
-                reference_index,
-                cw=(cw_tradeoff, cw_margin, cw_lr, cw_max_iter, cw_space),
-                sg=(sg_n_samples, sg_noise_std),
-                ig=(ig_n_steps, baseline),
-            )
+            attribution = explain(net.forward_standardized, z, model.classes.index(group), reference_index)
             total += attribution.sum(0, dtype=torch.float64)
             total_abs += attribution.abs().sum(0, dtype=torch.float64)
         scores[group] = (total_abs / len(rows)).cpu().numpy()
@@ -201,25 +208,6 @@ def rank_genes_perturbation(
         deep=f"added\n    '{key_added}', gene rankings (adata.uns)\n    '{key_added}_scores' (adata.varm)",
     )
     return adata if copy else None
-
-
-def _attribute(method, logits_of, z, source, reference, *, cw, sg, ig) -> torch.Tensor:
-    if method == "cw":
-        tradeoff, margin, lr, max_iter, space = cw
-        return cw_perturbation(
-            logits_of,
-            z,
-            source,
-            reference,
-            tradeoff=tradeoff,
-            margin=margin,
-            lr=lr,
-            max_iter=max_iter,
-            space=space,
-        )
-    if method == "smoothgrad":
-        return smoothgrad(logits_of, z, source, reference, n_samples=sg[0], noise_std=sg[1])
-    return integrated_gradients(logits_of, z, source, reference, baseline=ig[1], n_steps=ig[0])
 
 
 def _baseline(net, model: Kratos, kind: str, device: torch.device) -> torch.Tensor:
