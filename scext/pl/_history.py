@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 from anndata import AnnData
 from scanpy.plotting._utils import savefig_or_show
 
@@ -35,6 +36,7 @@ def training_history(
         if "best_epoch" in history:
             ax.axvline(int(history["best_epoch"][0]) + 1, color="grey", lw=0.8, label="best epoch")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name)
     axes[0][0].legend(frameon=False)
     fig.tight_layout()
