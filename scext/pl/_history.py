@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 from anndata import AnnData
+from matplotlib.ticker import MaxNLocator
 from scanpy.plotting._utils import savefig_or_show
 
 

@@ -154,30 +154,25 @@ def kratos(
         prior=prior,
     )
     model.fit_scaler(matrix, train_rows, scale=scale)
+    # pretraining and training share the optimiser settings and the minibatch generator
+    shared = {
+        "lr": lr,
+        "batch_size": batch_size,
+        "device": torch_device,
+        "generator": generator,
+        "progress_bar": progress_bar,
+    }
     pretraining = {}
     if init == "autoencoder":
-        pretraining = model.pretrain_autoencoder(
-            matrix,
-            train_rows,
-            n_epochs=pretrain_epochs,
-            lr=lr,
-            batch_size=batch_size,
-            device=torch_device,
-            generator=generator,
-            progress_bar=progress_bar,
-        )
+        pretraining = model.pretrain_autoencoder(matrix, train_rows, n_epochs=pretrain_epochs, **shared)
     history = model.fit(
         matrix,
         np.where(codes >= 0, codes, 0),
         train_rows,
         validation_rows,
         n_epochs=n_epochs,
-        lr=lr,
-        batch_size=batch_size,
         patience=patience,
-        device=torch_device,
-        generator=generator,
-        progress_bar=progress_bar,
+        **shared,
     )
     embedding, proba = model.embed_and_classify(matrix, torch_device)
     predicted = proba.argmax(axis=1)
