@@ -87,6 +87,13 @@ def test_copy_leaves_input_untouched():
     assert "X_kratos" in trained.obsm
 
 
+def test_test_size_zero_trains_on_every_labelled_cell():
+    adata = make_toy(n_cells=150)
+    scext.tl.kratos(adata, groupby="cell_type", test_size=0, device="cpu", **{**FAST, "n_epochs": 2})
+    assert "test" not in set(adata.obs["kratos_split"])
+    assert "test_accuracy" not in adata.uns["kratos"]
+
+
 def test_unlabelled_cells_are_classified_not_trained_on():
     adata = make_toy(n_cells=150)
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(object)

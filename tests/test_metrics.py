@@ -194,3 +194,16 @@ def test_errors(planted):
 def test_svm_auroc_needs_both_classes():
     with pytest.raises(ValueError, match="at least"):
         svm_auroc(np.zeros((20, 2)), np.r_[np.ones(3), np.zeros(17)].astype(bool))
+
+
+def test_clustering_scores():
+    from scext.metrics import clustering_scores
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat(["a", "b", "c"], 50)
+    embedding = rng.normal(size=(150, 2)) + np.repeat([[0, 0], [8, 0], [0, 8]], 50, axis=0)
+    perfect = clustering_scores(truth, np.repeat(["x", "y", "z"], 50), embedding)
+    assert perfect["ari"] == pytest.approx(1) and perfect["ami"] == pytest.approx(1)
+    assert perfect["nmi"] == pytest.approx(1) and perfect["silhouette"] > 0.7
+    shuffled = clustering_scores(truth, rng.permutation(truth))
+    assert abs(shuffled["ari"]) < 0.05 and "silhouette" not in shuffled
