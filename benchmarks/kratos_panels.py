@@ -50,6 +50,17 @@ def main() -> None:
         scext.tl.rank_genes_perturbation(adata, method=method, device=args.device, random_state=args.seed)
         times[f"rank_genes_perturbation {method}"] = time.perf_counter() - start
         keys[f"KRATOS {method}"] = f"kratos_{method}"
+    start = time.perf_counter()
+    scext.tl.rank_genes_perturbation(
+        adata,
+        method="cw",
+        score="support",
+        key_added="kratos_cw_support",
+        device=args.device,
+        random_state=args.seed,
+    )
+    times["rank_genes_perturbation cw, score=support"] = time.perf_counter() - start
+    keys["KRATOS cw (support)"] = "kratos_cw_support"
     for method in ("wilcoxon", "logreg"):
         start = time.perf_counter()
         sc.tl.rank_genes_groups(adata, "cell_type", method=method, key_added=method)

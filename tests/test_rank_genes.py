@@ -56,6 +56,20 @@ def test_rank_genes_groups_layout(ranked, method):
         assert all(signed[g] > 0 for g in frame["names"])
 
 
+@pytest.mark.parametrize("method", ["cw", "smoothgrad"])
+def test_support_score_ranks_only_the_groups_own_markers_first(trained_toy, method):
+    adata = trained_toy.copy()
+    scext.tl.rank_genes_perturbation(adata, method=method, score="support", key_added="support", device="cpu")
+    result = adata.uns["support"]
+    assert result["params"]["score"] == "support"
+    for group in result["names"].dtype.names:
+        top = adata.var.loc[list(result["names"][group][:5]), "marker_of"]
+        assert (top == group).all(), f"{method}, {group}: {list(top)}"
+        # support is the signed mean, oriented so that the group's own markers score high
+        sign = -1 if method == "cw" else 1
+        np.testing.assert_allclose(result["scores"][group], sign * result["signed_scores"][group], rtol=1e-6)
+
+
 def test_cw_perturbation_pushes_markers_down(ranked):
     result = ranked.uns["kratos_cw"]
     # leaving a class means lowering its own markers: the mean perturbation of its top genes is negative
@@ -116,6 +130,7 @@ def test_results_do_not_depend_on_batch_size(trained_toy):
     ("kwargs", "error", "message"),
     [
         ({"method": "shap"}, ValueError, "unknown"),
+        ({"score": "abs"}, ValueError, "score"),
         ({"key": "absent"}, KeyError, "no KRATOS model"),
         ({"groups": ["type_9"]}, ValueError, "not classes"),
         ({"reference": "type_9"}, ValueError, "not classes"),

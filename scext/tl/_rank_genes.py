@@ -28,6 +28,7 @@ def rank_genes_perturbation(
     key: str = "kratos",
     groups: list[str] | None = None,
     reference: str = "rest",
+    score: str = "magnitude",
     cw_tradeoff: float = 10.0,
     cw_margin: float = 0.1,
     cw_lr: float = 1e-2,
@@ -69,6 +70,12 @@ def rank_genes_perturbation(
         Classes to rank genes for; all by default.
     reference
         ``"rest"`` (one-vs-rest) or a class name: each group is pushed towards that class (one-vs-one).
+    score
+        ``"magnitude"``: a gene's score is the mean |attribution| (the paper's |delta|). ``"support"``: the
+        mean signed attribution oriented so that high means "more of this gene holds the cell in its class"
+        (the signed gradient; minus the CW perturbation, since CW lowers what keeps a cell in its class).
+        ``"support"`` drops the rival class's markers that one-vs-rest CW raises: on baron_mouse it lifted
+        CW's SVM AUROC from 0.855 to 0.960 at the top 0.1 % of genes and from 0.952 to 0.995 at 1 %.
     cw_tradeoff, cw_margin, cw_lr, cw_max_iter
         Lambda, alpha, learning rate and iterations of eq. 12-13 / Algorithm 1.
     cw_space
@@ -95,7 +102,7 @@ def rank_genes_perturbation(
     `None`, or the copy when ``copy=True``. Writes
 
     ``uns[key_added]``
-        Scanpy's rank_genes_groups layout: ``names``, ``scores`` (mean absolute attribution), ``signed_scores``
+        Scanpy's rank_genes_groups layout: ``names``, ``scores`` (see `score`), ``signed_scores``
         (mean signed attribution: positive means the class is reached by raising the gene for gradient
         methods; for ``cw`` the mean perturbation, negative where lowering the gene leaves the class),
         ``logfoldchanges`` (Scanpy's formula, group vs reference, on the model's input matrix), ``pvals`` and
@@ -106,6 +113,8 @@ def rank_genes_perturbation(
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {METHODS}.")
+    if score not in ("magnitude", "support"):
+        raise ValueError(f"score={score!r} is unknown; choose 'magnitude' or 'support'.")
     if cw_space not in ("logits", "proba"):
         raise ValueError(f"cw_space={cw_space!r} is unknown; choose 'logits' or 'proba'.")
     if ig_baseline not in ("zero", "unexpressed"):
@@ -164,8 +173,11 @@ def rank_genes_perturbation(
             attribution = explain(net.forward_standardized, z, model.classes.index(group), reference_index)
             total += attribution.sum(0, dtype=torch.float64)
             total_abs += attribution.abs().sum(0, dtype=torch.float64)
-        scores[group] = (total_abs / len(rows)).cpu().numpy()
         signed[group] = (total / len(rows)).cpu().numpy()
+        if score == "magnitude":
+            scores[group] = (total_abs / len(rows)).cpu().numpy()
+        else:
+            scores[group] = -signed[group] if method == "cw" else signed[group]
         n_cells[group] = len(rows)
     if not scores:
         raise ValueError("No group had a correctly classified cell; nothing to rank.")
@@ -177,6 +189,7 @@ def rank_genes_perturbation(
         "groupby": groupby,
         "reference": reference,
         "method": f"kratos_{method}",
+        "score": score,
         "use_raw": model.use_raw,
         "layer": model.layer,
         "corr_method": "none",
