@@ -68,7 +68,6 @@ class GeneGraphSmoothing(nn.Module):
         self.phi = nn.Linear(gene_dim, key_dim)
         self.weight = nn.Linear(gene_dim, gene_dim, bias=False)
         self.readout = nn.Linear(gene_dim, 1)
-        self.prior_coo = prior
         if prior is not None:
             indices = torch.as_tensor(np.vstack([prior.row, prior.col]), dtype=torch.long)
             values = torch.as_tensor(prior.data, dtype=torch.float32)

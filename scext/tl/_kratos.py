@@ -127,7 +127,7 @@ def kratos(
     if init not in ("random", "autoencoder"):
         raise ValueError(f"init={init!r} is unknown; choose 'random' or 'autoencoder'.")
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
-    prior = _prior(adata, prior_graph, prior_diagonal, backbone, use_raw)
+    prior = _prior(adata, prior_graph, prior_diagonal, use_raw)
     rng, generator = seed_everything(random_state)
 
     classes = list(labels.cat.categories)
@@ -310,13 +310,9 @@ def _validated_labels(adata: AnnData, groupby: str) -> pd.Series:
     return labels
 
 
-def _prior(adata: AnnData, key: str | None, diagonal: str, backbone: str, use_raw: bool):
+def _prior(adata: AnnData, key: str | None, diagonal: str, use_raw: bool):
     if key is None:
         return None
-    if backbone != "gene_gcn":
-        raise ValueError(
-            f"prior_graph={key!r} is used by backbone='gene_gcn' only; pass backbone='gene_gcn'."
-        )
     if use_raw:
         raise ValueError(
             "prior_graph lives in adata.varp, whose genes are not those of adata.raw; use X or a layer."
