@@ -17,17 +17,20 @@ def snapshot(adata):
         list(adata.obsm.keys()),
         list(adata.uns.keys()),
         list(adata.varm.keys()),
+        list(adata.var.columns),
+        list(adata.obsp.keys()),
+        list(adata.layers.keys()),
         adata.X.copy(),
     )
 
 
 def assert_untouched(adata, before):
     after = snapshot(adata)
-    assert after[:4] == before[:4]
-    if sp.issparse(before[4]):
-        assert (after[4] != before[4]).nnz == 0
+    assert after[:-1] == before[:-1]
+    if sp.issparse(before[-1]):
+        assert (after[-1] != before[-1]).nnz == 0
     else:
-        np.testing.assert_array_equal(after[4], before[4])
+        np.testing.assert_array_equal(after[-1], before[-1])
 
 
 def test_learns_separable_toy_and_writes_slots(trained_toy):

@@ -1,10 +1,12 @@
 """Model classes: plain torch modules plus the genes, classes and scaler they need. No AnnData inside a module."""
 
 from ._attribution import cw_perturbation, integrated_gradients, smoothgrad
+from ._cellvgae import CellVGAENet
 from ._gene_gcn import GeneGraphSmoothing, normalized_prior
 from ._kratos import Kratos, KratosNet
 
 __all__ = [
+    "CellVGAENet",
     "GeneGraphSmoothing",
     "Kratos",
     "KratosNet",

@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONVOLUTIONS = ("gat", "gatv2", "gcn")
+REGULARIZERS = ("kl", "mmd")
+# as in torch-geometric's VGAE: exp(log sigma) stays finite in float32
+MAX_LOG_STD = 10.0
+
+
+def _convolution(kind: str, in_size: int, out_size: int, heads: int, concat: bool) -> nn.Module:
+    from torch_geometric.nn import GATConv, GATv2Conv, GCNConv
+
+    if kind == "gat":
+        return GATConv(in_size, out_size, heads=heads, concat=concat)
+    if kind == "gatv2":
+        return GATv2Conv(in_size, out_size, heads=heads, concat=concat)
+    return GCNConv(in_size, out_size)
+
+
+class CellVGAENet(nn.Module):
+    """CellVGAE's encoder (paper 003, eq. 6-7) and optional feature decoder (eq. 11).
+
+    Hidden graph layers concatenate their heads, with ReLU between layers; the mu and log-sigma layers are
+    of the same type and average their heads. The edge decoder is the parameter-free inner product
+    ``sigmoid(z_i . z_j)`` (eq. 2), so it lives in `edge_logits`.
+
+    Parameters
+    ----------
+    n_features
+        Node features (genes) per cell.
+    conv
+        ``"gat"``, ``"gatv2"`` or ``"gcn"`` (GCN has no heads; `heads` is ignored).
+    hidden_sizes
+        Output size per head of each hidden layer; the layer's width is ``heads * size``.
+    heads
+        Attention heads of each hidden layer and then of the mu / log-sigma layers: one int for all, or one
+        per hidden layer plus one for the output layers.
+    feature_decoder
+        Add a dense decoder (hidden sizes reversed, ReLU) that reconstructs the features from z.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        *,
+        conv: str = "gat",
+        hidden_sizes: Sequence[int] = (128, 128),
+        heads: int | Sequence[int] = 3,
+        latent_size: int = 50,
+        feature_decoder: bool = False,
+    ):
+        super().__init__()
+        if conv not in CONVOLUTIONS:
+            raise ValueError(f"conv={conv!r} is unknown; choose one of {CONVOLUTIONS}.")
+        hidden_sizes = [int(size) for size in hidden_sizes]
+        heads = [int(heads)] * (len(hidden_sizes) + 1) if isinstance(heads, int) else [int(h) for h in heads]
+        if len(heads) != len(hidden_sizes) + 1:
+            raise ValueError(
+                f"heads has {len(heads)} entries; give one int, or one per hidden layer plus one for the "
+                f"mu / log-sigma layers ({len(hidden_sizes) + 1})."
+            )
+        if conv == "gcn":
+            heads = [1] * len(heads)
+        self.conv = conv
+        self.heads = heads
+        self.hidden = nn.ModuleList()
+        size = n_features
+        for width, n_heads in zip(hidden_sizes, heads, strict=False):
+            self.hidden.append(_convolution(conv, size, width, n_heads, concat=True))
+            size = width * n_heads
+        self.mu = _convolution(conv, size, latent_size, heads[-1], concat=False)
+        self.log_std = _convolution(conv, size, latent_size, heads[-1], concat=False)
+        self.decoder = None
+        if feature_decoder:
+            sizes = [latent_size, *reversed(hidden_sizes)]
+            layers: list[nn.Module] = []
+            for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+                layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+            layers.append(nn.Linear(sizes[-1], n_features))
+            self.decoder = nn.Sequential(*layers)
+
+    @property
+    def graph_layers(self) -> list[nn.Module]:
+        """Hidden layers then the mu layer: the layers whose attention `attention` can return (1-based)."""
+        return [*self.hidden, self.mu]
+
+    def encode(self, x: torch.Tensor, edge_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log standard deviation of q(z | X, A) for every node."""
+        hidden = x
+        for index, layer in enumerate(self.hidden):
+            hidden = layer(hidden if index == 0 else F.relu(hidden), edge_index)
+        hidden = F.relu(hidden)
+        return self.mu(hidden, edge_index), self.log_std(hidden, edge_index).clamp(max=MAX_LOG_STD)
+
+    def attention(
+        self, x: torch.Tensor, edge_index: torch.Tensor, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention coefficients of graph layer `layer` (1-based, see `graph_layers`).
+
+        Returns the layer's edge index (``edge_index`` plus the self-loops GAT adds; row 0 = source j, row 1 =
+        target i) and ``alpha`` (edges x heads): the weight of j's message to i, summing to 1 over each
+        target's incoming edges for every head (eq. 4).
+        """
+        if self.conv == "gcn":
+            raise ValueError("GCN layers have no attention; train with conv='gat' or 'gatv2'.")
+        layers = self.graph_layers
+        if not 1 <= layer <= len(layers):
+            raise ValueError(
+                f"attention layer {layer} does not exist; the encoder has {len(layers)} graph layers."
+            )
+        hidden = x
+        for index, module in enumerate(layers[: layer - 1]):
+            hidden = module(hidden if index == 0 else F.relu(hidden), edge_index)
+        hidden = hidden if layer == 1 else F.relu(hidden)
+        _, (edges, alpha) = layers[layer - 1](hidden, edge_index, return_attention_weights=True)
+        return edges, alpha
+
+    def gene_loadings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """P_mu and P_sigma of eq. 12: genes x latent products of the layers' linear maps.
+
+        The message weight of each layer is used (GAT's shared ``lin``, GATv2's source ``lin_l``, GCN's
+        ``lin``); the output layers average their heads, so their per-head maps are averaged too.
+        """
+        product = None
+        for layer in self.hidden:
+            weight = _message_weight(layer)  # (heads * out, in)
+            product = weight.T if product is None else product @ weight.T
+        loadings = []
+        for layer, n_heads in ((self.mu, self.heads[-1]), (self.log_std, self.heads[-1])):
+            weight = _message_weight(layer)
+            weight = weight.view(n_heads, -1, weight.shape[1]).mean(dim=0)  # (latent, in)
+            loadings.append(weight.T if product is None else product @ weight.T)
+        return loadings[0], loadings[1]
+
+
+def _message_weight(layer: nn.Module) -> torch.Tensor:
+    linear = layer.lin_l if hasattr(layer, "lin_l") else layer.lin
+    return linear.weight
+
+
+def edge_logits(z: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Inner-product decoder (eq. 2) before the sigmoid, for the (source, target) pairs in `edges`."""
+    return (z[edges[0]] * z[edges[1]]).sum(dim=-1)
+
+
+def edge_reconstruction_loss(z: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Eq. 10: binary cross-entropy of real edges against as many randomly drawn pairs."""
+    return -(F.logsigmoid(edge_logits(z, positive)).mean() + F.logsigmoid(-edge_logits(z, negative)).mean())
+
+
+def kl_divergence(mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|X,A) || N(0, I)) per node, averaged over nodes; `log_std` is log sigma, not log variance."""
+    return -0.5 * torch.mean(torch.sum(1 + 2 * log_std - mu.pow(2) - torch.exp(2 * log_std), dim=1))
+
+
+def mmd(z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """Maximum mean discrepancy between samples `z` and `prior` with a Gaussian kernel of width dim."""
+
+    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-torch.cdist(a, b).pow(2) / a.shape[1])
+
+    return kernel(z, z).mean() + kernel(prior, prior).mean() - 2 * kernel(z, prior).mean()
+
+
+def regularizer_loss(
+    kind: str, mu: torch.Tensor, log_std: torch.Tensor, z: torch.Tensor, max_samples: int = 2048
+) -> torch.Tensor:
+    """Eq. 9: KL (`"kl"`) or MMD (`"mmd"`, on at most `max_samples` random nodes, since it is quadratic)."""
+    if kind == "kl":
+        return kl_divergence(mu, log_std)
+    if z.shape[0] > max_samples:
+        z = z[torch.randperm(z.shape[0], device=z.device)[:max_samples]]
+    return mmd(z, torch.randn_like(z))
+
+
+def default_regularizer_weight(kind: str, n_cells: int) -> float:
+    """The VGAE recipe's 1/N for the node-averaged KL; MMD is already of order one."""
+    return 1.0 / n_cells if kind == "kl" else 1.0
+
+
+def sample_pairs(n_cells: int, n_pairs: int, device: torch.device) -> torch.Tensor:
+    """Uniform random (source, target) pairs: the negative edges of eq. 10.
+
+    With k neighbours per cell a random pair is a real edge with probability about k / N, so the pairs are
+    not filtered against the graph.
+    """
+    return torch.randint(0, n_cells, (2, n_pairs), device=device)
+
+
+def reparameterize(mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    return mu + torch.randn_like(mu) * torch.exp(log_std)
+
+
+def loss_terms(
+    net: CellVGAENet,
+    x: torch.Tensor,
+    edges: torch.Tensor,
+    *,
+    regularizer: str,
+    regularizer_weight: float,
+) -> dict[str, torch.Tensor]:
+    """One full-graph evaluation of eq. 8 (plus eq. 11 with a feature decoder), term by term."""
+    mu, log_std = net.encode(x, edges)
+    z = reparameterize(mu, log_std)
+    negative = sample_pairs(x.shape[0], edges.shape[1], x.device)
+    terms = {
+        "reconstruction": edge_reconstruction_loss(z, edges, negative),
+        regularizer: regularizer_loss(regularizer, mu, log_std, z),
+    }
+    loss = terms["reconstruction"] + regularizer_weight * terms[regularizer]
+    if net.decoder is not None:
+        terms["feature_mse"] = F.mse_loss(net.decoder(z), x)
+        loss = loss + terms["feature_mse"]
+    return {"loss": loss, **terms}
