@@ -33,3 +33,24 @@ def test_kratos_sim_140_cw_recovers_causal_genes():
 def test_load_rejects_unknown_names():
     with pytest.raises(ValueError, match="Unknown data set"):
         scext.datasets.load("not_a_data_set")
+
+
+def test_cellvgae_separates_cellbench_cell_lines():
+    """Three cell lines: CellVGAE with default arguments (2,000 HVG features) embeds them apart.
+
+    Its HDBSCAN clusters are pure but may split a line (the 5-NN graph of 80 cells per line has sub-groups).
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, homogeneity_score
+
+    adata = scext.datasets.load("cellbench_celseq2_3cl")
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.pp.highly_variable_genes(adata, n_top_genes=2000)
+    scext.tl.cellvgae(adata, device="cpu", random_state=0)
+    truth = adata.obs["cell_type"]
+    embedded = KMeans(3, n_init=10, random_state=0).fit_predict(adata.obsm["X_cellvgae"])
+    assert adjusted_rand_score(truth, embedded) > 0.95
+    assigned = adata.obs["cellvgae"] != "noise"
+    assert assigned.mean() > 0.9
+    assert homogeneity_score(truth[assigned], adata.obs["cellvgae"][assigned]) > 0.9

@@ -104,8 +104,9 @@ def cellvgae(
     n_epochs, lr
         Adam full-graph training; the paper's 200 epochs (sec. 3.7) and 1e-4.
     cluster_method
-        ``"hdbscan"`` (scikit-learn's, on a 2-D UMAP of mu with ``min_dist=0``) or ``"leiden"`` (on a
-        15-nearest-neighbour graph of mu, at `resolution`).
+        ``"hdbscan"`` (scikit-learn's, on a 2-D UMAP of mu with umap-learn's clustering settings,
+        ``n_neighbors=30, min_dist=0``) or ``"leiden"`` (on a 15-nearest-neighbour graph of mu, at
+        `resolution`).
     min_cluster_size
         HDBSCAN's smallest cluster; ``None`` means ``max(10, n_cells // 100)``, 1 % of the cells.
     attention_layer
@@ -198,7 +199,7 @@ def cellvgae(
             random_state=random_state,
         )
     _warn_if_counts(matrix)
-    _, _ = seed_everything(random_state)
+    seed_everything(random_state)
 
     from sklearn.preprocessing import minmax_scale
 
@@ -427,7 +428,7 @@ def _cluster(embedding, method, min_cluster_size, resolution, random_state) -> p
         from sklearn.cluster import HDBSCAN
 
         coordinates = umap.UMAP(
-            n_components=2, n_neighbors=min(15, n_cells - 1), min_dist=0.0, random_state=random_state, n_jobs=1
+            n_components=2, n_neighbors=min(30, n_cells - 1), min_dist=0.0, random_state=random_state, n_jobs=1
         ).fit_transform(embedding)
         codes = HDBSCAN(min_cluster_size=_min_cluster_size(min_cluster_size, n_cells)).fit_predict(
             coordinates
