@@ -82,7 +82,9 @@ def test_attention_is_softmax_over_incoming_edges(toy, trained):
     per_head = trained.uns["cellvgae"]["attention_heads"]
     assert per_head.shape == (attention.nnz, 2)
     for head in range(per_head.shape[1]):
-        matrix = sp.csr_matrix((per_head[:, head], attention.indices, attention.indptr), shape=attention.shape)
+        matrix = sp.csr_matrix(
+            (per_head[:, head], attention.indices, attention.indptr), shape=attention.shape
+        )
         np.testing.assert_allclose(np.asarray(matrix.sum(axis=1)).ravel(), 1.0, atol=1e-5)
     np.testing.assert_allclose(per_head.mean(axis=1), attention.data, atol=1e-6)
 
@@ -112,7 +114,9 @@ def test_same_seed_same_result(toy):
         scext.tl.cellvgae(adata, random_state=seed, **{**SMALL, "n_epochs": 10})
         runs.append(adata)
     np.testing.assert_array_equal(runs[0].obsm["X_cellvgae"], runs[1].obsm["X_cellvgae"])
-    np.testing.assert_array_equal(runs[0].obsp["cellvgae_attention"].data, runs[1].obsp["cellvgae_attention"].data)
+    np.testing.assert_array_equal(
+        runs[0].obsp["cellvgae_attention"].data, runs[1].obsp["cellvgae_attention"].data
+    )
     assert (runs[0].obs["cellvgae"] == runs[1].obs["cellvgae"]).all()
     assert not np.allclose(runs[0].obsm["X_cellvgae"], runs[2].obsm["X_cellvgae"])
 

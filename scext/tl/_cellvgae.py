@@ -428,7 +428,11 @@ def _cluster(embedding, method, min_cluster_size, resolution, random_state) -> p
         from sklearn.cluster import HDBSCAN
 
         coordinates = umap.UMAP(
-            n_components=2, n_neighbors=min(30, n_cells - 1), min_dist=0.0, random_state=random_state, n_jobs=1
+            n_components=2,
+            n_neighbors=min(30, n_cells - 1),
+            min_dist=0.0,
+            random_state=random_state,
+            n_jobs=1,
         ).fit_transform(embedding)
         codes = HDBSCAN(min_cluster_size=_min_cluster_size(min_cluster_size, n_cells)).fit_predict(
             coordinates
