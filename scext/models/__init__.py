@@ -2,16 +2,21 @@
 
 from ._attribution import cw_perturbation, integrated_gradients, smoothgrad
 from ._cellvgae import CellVGAENet
+from ._cicl import Cicl, CiclNet
 from ._gene_gcn import GeneGraphSmoothing, normalized_prior
+from ._kmeans import kmeans
 from ._kratos import Kratos, KratosNet
 
 __all__ = [
     "CellVGAENet",
+    "Cicl",
+    "CiclNet",
     "GeneGraphSmoothing",
     "Kratos",
     "KratosNet",
     "cw_perturbation",
     "integrated_gradients",
+    "kmeans",
     "normalized_prior",
     "smoothgrad",
 ]

@@ -1,7 +1,15 @@
 """Tools: train a model on an AnnData and write its results into the AnnData's slots."""
 
 from ._cellvgae import cellvgae, cellvgae_marker_genes
+from ._cicl import cicl
 from ._kratos import kratos, kratos_predict
 from ._rank_genes import rank_genes_perturbation
 
-__all__ = ["cellvgae", "cellvgae_marker_genes", "kratos", "kratos_predict", "rank_genes_perturbation"]
+__all__ = [
+    "cellvgae",
+    "cellvgae_marker_genes",
+    "cicl",
+    "kratos",
+    "kratos_predict",
+    "rank_genes_perturbation",
+]

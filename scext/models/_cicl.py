@@ -1,0 +1,313 @@
+"""CICL (cluster-aware iterative contrastive learning, sec. 2.2-2.3): a transformer over the cells of a
+minibatch, K-means pseudo-labels recomputed at every step, instance-wise and cluster-aware contrastive losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..train import dense_rows, iter_minibatches, train_loop
+from ._kmeans import kmeans, squared_distances
+
+CPU = torch.device("cpu")
+# inference attends every cell to all cells; query chunks keep the score matrix near this many elements
+_ATTENTION_ELEMENTS = 2**25
+
+
+class CellSelfAttention(nn.Module):
+    """Multi-head self-attention whose tokens are cells (eq. 3-4): the attention matrix is cells x cells.
+
+    There is no positional encoding, so the output is equivariant to the order of the cells. Following the
+    equations, the projections have no bias.
+    """
+
+    def __init__(self, n_genes: int, n_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.query = nn.Linear(n_genes, n_heads * head_dim, bias=False)
+        self.key = nn.Linear(n_genes, n_heads * head_dim, bias=False)
+        self.value = nn.Linear(n_genes, n_heads * head_dim, bias=False)
+        self.out = nn.Linear(n_heads * head_dim, n_genes, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        # cells x (h d) -> 1 x h x cells x d: one "sequence" whose elements are the cells
+        return x.view(x.shape[0], self.n_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+
+    def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """softmax(Q K^T / sqrt(d)) V per head, concatenated and mapped back to genes by W^O."""
+        attended = F.scaled_dot_product_attention(
+            self._heads(queries), self._heads(keys), self._heads(values)
+        )
+        return self.out(attended.squeeze(0).transpose(0, 1).reshape(queries.shape[0], -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend(self.query(x), self.key(x), self.value(x))
+
+
+class CiclEncoderLayer(nn.Module):
+    """One post-LN transformer layer: eq. 5 ``LN(X + MHA(X))``, eq. 6 ``ReLU(H W1) W2``, eq. 7 ``LN(H_fc + H_res)``."""
+
+    def __init__(self, n_genes: int, n_heads: int, head_dim: int, feedforward_dim: int):
+        super().__init__()
+        self.attention = CellSelfAttention(n_genes, n_heads, head_dim)
+        self.norm_attention = nn.LayerNorm(n_genes)
+        self.feedforward = nn.Sequential(
+            nn.Linear(n_genes, feedforward_dim, bias=False),
+            nn.ReLU(),
+            nn.Linear(feedforward_dim, n_genes, bias=False),
+        )
+        self.norm_feedforward = nn.LayerNorm(n_genes)
+
+    def _after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        residual = self.norm_attention(x + attended)
+        return self.norm_feedforward(self.feedforward(residual) + residual)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._after_attention(x, self.attention(x))
+
+    def forward_in_chunks(self, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """The same layer with every cell of `x` attending to all of `x`, queries taken `chunk_size` at a time.
+
+        Equal to ``forward(x)`` up to float rounding, with the score matrix never larger than chunk x cells.
+        """
+        attention = self.attention
+        keys, values = attention.key(x), attention.value(x)
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], chunk_size):
+            rows = x[start : start + chunk_size]
+            out[start : start + chunk_size] = self._after_attention(
+                rows, attention.attend(attention.query(rows), keys, values)
+            )
+        return out
+
+
+class CiclNet(nn.Module):
+    """Transformer encoder (genes -> representation H of the same width) plus the projection head (eq. 10)."""
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        head_dim: int | None = None,
+        feedforward_dim: int = 1024,
+        projection_sizes: Sequence[int] = (1024, 512),
+    ):
+        super().__init__()
+        head_dim = max(1, n_genes // n_heads) if head_dim is None else head_dim
+        self.layers = nn.ModuleList(
+            CiclEncoderLayer(n_genes, n_heads, head_dim, feedforward_dim) for _ in range(n_layers)
+        )
+        head: list[nn.Module] = []
+        width = n_genes
+        for size in projection_sizes:
+            head += [nn.Linear(width, size, bias=False), nn.ReLU()]
+            width = size
+        self.projection = nn.Sequential(*head[:-1])  # eq. 10: W3 ReLU(W4 H), no activation on the output
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def encode_in_chunks(self, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer.forward_in_chunks(x, chunk_size)
+        return x
+
+
+def gaussian_view(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sec. 2.2.1: add noise drawn from N(0, 1) and mapped linearly onto [0, 1] (min-max over the batch)."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    low, high = noise.min(), noise.max()
+    return x + (noise - low) / (high - low).clamp_min(torch.finfo(x.dtype).eps)
+
+
+def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Eq. 8: soft assignment q_ij proportional to (1 + ||h_i - c_j||^2 / alpha)^(-(alpha + 1) / 2)."""
+    kernel = (1 + squared_distances(h, centers) / alpha).pow(-(alpha + 1) / 2)
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+def _similarities(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    # eq. 13: cosine similarity of every pair among the 2B projections, divided by T
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    return z @ z.T / temperature
+
+
+def instance_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """Eq. 12 and 14: InfoNCE with the other view of the same cell as the positive, all else as negatives."""
+    n = z1.shape[0]
+    logits = _similarities(z1, z2, temperature)
+    self_pair = torch.eye(2 * n, dtype=torch.bool, device=z1.device)
+    logits = logits.masked_fill(self_pair, float("-inf"))
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z1.device)
+    return F.cross_entropy(logits, partner)  # mean over the 2B anchors = 1/(2B) sum
+
+
+def cluster_loss(
+    z1: torch.Tensor, z2: torch.Tensor, pseudo_labels: torch.Tensor, temperature: float = 0.5
+) -> torch.Tensor:
+    """Eq. 15 and 16: -log(sum over same-pseudo-label pairs / sum over other-label pairs), both views.
+
+    The positives of an anchor are every other projection (either view) whose cell shares its pseudo-label,
+    the other view of the anchor's own cell included; the negatives are all projections of other labels. An
+    anchor with no negative (a batch holding one pseudo-label only) contributes zero.
+    """
+    n = z1.shape[0]
+    logits = _similarities(z1, z2, temperature)
+    labels = torch.cat([pseudo_labels, pseudo_labels])
+    same = labels[:, None] == labels[None, :]
+    self_pair = torch.eye(2 * n, dtype=torch.bool, device=z1.device)
+    log_positive = torch.logsumexp(logits.masked_fill(~same | self_pair, float("-inf")), dim=1)
+    log_negative = torch.logsumexp(logits.masked_fill(same, float("-inf")), dim=1)
+    has_negative = (~same).any(dim=1)
+    per_anchor = torch.where(has_negative, log_negative - log_positive, torch.zeros_like(log_positive))
+    return per_anchor.sum() / (2 * n)
+
+
+class Cicl:
+    """A CICL model: the network, the training step of Algorithm 1, and batch-independent inference.
+
+    Parameters
+    ----------
+    n_genes
+        Width of the input, and of the representation H (the transformer keeps its width, eq. 3-7).
+    n_clusters
+        K of the per-step K-means (pseudo-labels) and of the final clustering.
+    n_layers, n_heads, head_dim, feedforward_dim, projection_sizes
+        Architecture (Table 2: 4 layers, feed-forward 1024 wide, projection head [1024, 512]). `head_dim`
+        defaults to ``n_genes // n_heads``.
+    temperature, cluster_weight, alpha
+        T of eq. 12/15, lambda of eq. 17, and the Student-t degrees of freedom of eq. 8.
+    kmeans_iter
+        Lloyd iterations of the per-step K-means (seeded afresh by k-means++ at every step).
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        n_clusters: int,
+        *,
+        n_layers: int = 4,
+        n_heads: int = 4,
+        head_dim: int | None = None,
+        feedforward_dim: int = 1024,
+        projection_sizes: Sequence[int] = (1024, 512),
+        temperature: float = 0.5,
+        cluster_weight: float = 0.1,
+        alpha: float = 1.0,
+        kmeans_iter: int = 20,
+    ):
+        self.n_clusters = int(n_clusters)
+        self.temperature, self.cluster_weight, self.alpha = (
+            float(temperature),
+            float(cluster_weight),
+            float(alpha),
+        )
+        self.kmeans_iter = int(kmeans_iter)
+        self.net = CiclNet(n_genes, n_layers, n_heads, head_dim, feedforward_dim, projection_sizes)
+        self.last_pseudo_labels: torch.Tensor | None = None
+        self.last_centers: torch.Tensor | None = None
+
+    def training_step(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One step of Algorithm 1 on minibatch `x`; returns the loss terms.
+
+        Two views are drawn afresh, K-means runs on H of the clean minibatch (new k-means++ seeding, so the
+        centres follow the encoder), and the pseudo-labels are the argmax of the Student-t q (eq. 8-9). The
+        last pseudo-labels and centres are kept on the model for inspection.
+        """
+        net = self.net
+        with torch.no_grad():
+            h = net.encode(x)
+            centers, _ = kmeans(h, self.n_clusters, max_iter=self.kmeans_iter, generator=generator)
+            pseudo_labels = student_t(h, centers, self.alpha).argmax(dim=1)
+        z1 = net.projection(net.encode(gaussian_view(x, generator)))
+        z2 = net.projection(net.encode(gaussian_view(x, generator)))
+        instance = instance_loss(z1, z2, self.temperature)
+        cluster = cluster_loss(z1, z2, pseudo_labels, self.temperature)
+        self.last_pseudo_labels, self.last_centers = pseudo_labels, centers
+        return {"loss": instance + self.cluster_weight * cluster, "instance": instance, "cluster": cluster}
+
+    def fit(
+        self,
+        matrix,
+        *,
+        n_epochs: int = 100,
+        lr: float = 1e-4,
+        batch_size: int = 256,
+        device: torch.device = CPU,
+        generator: torch.Generator | None = None,
+        step_generator: torch.Generator | None = None,
+        progress_bar: bool | None = None,
+    ) -> dict[str, list[float]]:
+        """Train with Adam on eq. 17 over shuffled minibatches of `matrix` (cells x genes); returns the history.
+
+        `generator` (CPU) draws the minibatch order; `step_generator` (on `device`) the noise and the K-means
+        seeding. The cells are split into ``ceil(n / batch_size)`` minibatches of near-equal size, so that no
+        small remainder batch holds fewer cells than clusters.
+        """
+        net = self.net.to(device)
+        n_cells = matrix.shape[0]
+        balanced = balanced_batch_size(n_cells, batch_size)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        rows = np.arange(n_cells)
+        return train_loop(
+            net,
+            optimizer,
+            step=lambda batch: self.training_step(batch[0], step_generator),
+            batches=lambda: iter_minibatches(
+                matrix, rows, balanced, device, shuffle=True, generator=generator
+            ),
+            n_epochs=n_epochs,
+            progress_bar=progress_bar,
+            description="cicl",
+        )
+
+    @torch.inference_mode()
+    def transform(self, matrix, device: torch.device = CPU, chunk_size: int | None = None) -> torch.Tensor:
+        """H of every cell of `matrix`, each cell attending to all cells of `matrix` (returned on `device`).
+
+        This is the clustering phase of Algorithm 1 with the whole data set as one batch, computed layer by
+        layer in chunks of query cells so memory stays O(chunk x cells). A cell's embedding therefore does
+        not depend on how cells would be split into batches, nor on their order.
+        """
+        net = self.net.to(device).eval()
+        n_cells = matrix.shape[0]
+        if chunk_size is None:
+            n_heads = net.layers[0].attention.n_heads if len(net.layers) else 1
+            chunk_size = max(64, _ATTENTION_ELEMENTS // max(1, n_cells * n_heads))
+        x = torch.cat(
+            [
+                dense_rows(matrix, np.arange(s, min(s + 4096, n_cells)), device)
+                for s in range(0, n_cells, 4096)
+            ]
+        )
+        return net.encode_in_chunks(x, chunk_size)
+
+    @torch.inference_mode()
+    def cluster(
+        self, h: torch.Tensor, *, n_init: int = 10, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final K-means on H (lowest inertia of `n_init` seedings; no label is read): labels, q, centres."""
+        centers, labels = kmeans(h, self.n_clusters, n_init=n_init, max_iter=300, generator=generator)
+        return labels, student_t(h, centers, self.alpha), centers
+
+
+def balanced_batch_size(n_cells: int, batch_size: int) -> int:
+    """Size of ``ceil(n_cells / batch_size)`` near-equal minibatches (the last one may be a little smaller)."""
+    n_batches = -(-n_cells // batch_size)
+    return -(-n_cells // n_batches)
+
+
+def smallest_batch(n_cells: int, batch_size: int) -> int:
+    """Cells in the smallest minibatch `Cicl.fit` makes; the per-step K-means needs at least K of them."""
+    balanced = balanced_batch_size(n_cells, batch_size)
+    return n_cells - (-(-n_cells // balanced) - 1) * balanced
