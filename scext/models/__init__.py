@@ -6,6 +6,7 @@ from ._cicl import Cicl, CiclNet
 from ._gene_gcn import GeneGraphSmoothing, normalized_prior
 from ._kmeans import kmeans
 from ._kratos import Kratos, KratosNet
+from ._scdefer import ScdeferNet
 
 __all__ = [
     "CellVGAENet",
@@ -14,6 +15,7 @@ __all__ = [
     "GeneGraphSmoothing",
     "Kratos",
     "KratosNet",
+    "ScdeferNet",
     "cw_perturbation",
     "integrated_gradients",
     "kmeans",

@@ -4,6 +4,7 @@ from ._cellvgae import cellvgae, cellvgae_marker_genes
 from ._cicl import cicl
 from ._kratos import kratos, kratos_predict
 from ._rank_genes import rank_genes_perturbation
+from ._scdefer import scdefer
 
 __all__ = [
     "cellvgae",
@@ -12,4 +13,5 @@ __all__ = [
     "kratos",
     "kratos_predict",
     "rank_genes_perturbation",
+    "scdefer",
 ]

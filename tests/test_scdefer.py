@@ -1,0 +1,225 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+from sklearn.metrics import adjusted_rand_score
+from test_kratos import assert_untouched, snapshot
+
+import scext
+from scext._utils._graph import knn_graph
+from scext.models._scdefer import target_distribution, zinb_nll
+
+SMALL = {
+    "hidden_sizes": (64, 32, 8),
+    "decoder_sizes": (32, 64),
+    "n_top_genes": 60,
+    "n_pretrain_epochs": 40,
+    "n_epochs": 40,
+    # small networks train stably at rates 10x the defaults, which suit the paper's 1024-wide layers
+    "pretrain_lr": 1e-3,
+    "lr": 1e-3,
+    "device": "cpu",
+    "progress_bar": False,
+}
+TINY = {**SMALL, "n_pretrain_epochs": 2, "n_epochs": 2}
+
+
+def make_counts(n_cells: int = 150, random_state: int = 0) -> ad.AnnData:
+    """Three planted types with 10 up-regulated markers each among 80 genes; raw NB counts in X."""
+    return scext.datasets.synthetic_counts(
+        n_cells=n_cells, n_genes=80, n_types=3, n_markers=10, fold_change=6.0, random_state=random_state
+    )
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return make_counts()
+
+
+@pytest.fixture(scope="module")
+def trained(toy):
+    adata = toy.copy()
+    scext.tl.scdefer(adata, 3, **SMALL)
+    return adata
+
+
+def test_separates_planted_clusters(trained):
+    assert adjusted_rand_score(trained.obs["cell_type"], trained.obs["scdefer"]) > 0.9
+
+
+def test_every_loss_term_moves(trained):
+    history = trained.uns["scdefer"]["history"]
+    pretraining = ["pretrain_loss", "pretrain_graph", "pretrain_zinb"]
+    joint = ["loss", "graph", "zinb", "kl", "bce_d", "bce_g"]
+    assert set(history) == set(pretraining + joint)
+    for name in pretraining + joint:
+        values = history[name]
+        assert len(values) == 40
+        assert np.all(np.isfinite(values))
+        assert abs(values[-1] - values[0]) > 1e-3 * abs(values[0]), f"{name} did not move: {values[[0, -1]]}"
+    # pretraining fits both the counts and the graph (the decoder of the public code was stuck)
+    for name in ("pretrain_loss", "pretrain_graph", "pretrain_zinb"):
+        assert history[name][-1] < 0.9 * history[name][0], name
+    # the targets sharpen Q: the clustering terms fall during joint training
+    for name in ("kl", "bce_d", "bce_g"):
+        assert history[name][-1] < history[name][0]
+    # the global branch of the fusion is used: its weight left its start at 0
+    assert trained.uns["scdefer"]["beta"] != 0
+
+
+def test_slots_and_shapes(trained):
+    n_cells, n_genes = trained.shape
+    assert trained.obsm["X_scdefer"].shape == (n_cells, 8)
+    proba = trained.obsm["scdefer_proba"]
+    assert proba.shape == (n_cells, 3)
+    np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-5)
+    labels = trained.obs["scdefer"]
+    assert labels.dtype == "category"
+    assert all(isinstance(name, str) for name in labels.cat.categories)
+    np.testing.assert_array_equal(labels.astype(int).to_numpy(), proba.argmax(axis=1))
+    modelled = trained.var["scdefer_modelled"].to_numpy()
+    assert modelled.dtype == bool and modelled.sum() == 60
+    denoised = trained.layers["scdefer_denoised"]
+    assert denoised.shape == (n_cells, n_genes)
+    assert np.isnan(denoised[:, ~modelled]).all()
+    assert np.isfinite(denoised[:, modelled]).all() and (denoised[:, modelled] > 0).all()
+    # the denoised means follow the counts: higher for genes with higher mean counts
+    observed = np.asarray(trained.X[:, modelled].mean(axis=0)).ravel()
+    assert np.corrcoef(np.log1p(observed), np.log1p(denoised[:, modelled].mean(axis=0)))[0, 1] > 0.9
+    params = trained.uns["scdefer"]["params"]
+    assert params["device"] == "cpu" and params["random_state"] == 0
+    assert params["scext_version"] == scext.__version__
+    assert params["n_genes"] == 60 and params["init"] == "kmeans" and params["alpha"] == 0.1
+    assert trained.uns["scdefer"]["n_clusters"] == len(labels.cat.categories)
+
+
+def test_same_random_state_same_output(toy):
+    first, second, other = toy.copy(), toy.copy(), toy.copy()
+    for adata, seed in ((first, 3), (second, 3), (other, 4)):
+        scext.tl.scdefer(adata, 3, random_state=seed, **TINY)
+    for key in ("X_scdefer", "scdefer_proba"):
+        np.testing.assert_array_equal(first.obsm[key], second.obsm[key])
+    np.testing.assert_array_equal(first.layers["scdefer_denoised"], second.layers["scdefer_denoised"])
+    for name, values in first.uns["scdefer"]["history"].items():
+        np.testing.assert_array_equal(values, second.uns["scdefer"]["history"][name])
+    assert not np.array_equal(first.obsm["X_scdefer"], other.obsm["X_scdefer"])
+
+
+def test_without_zinb_and_existing_graph(toy):
+    adata = toy.copy()
+    # a neighbors graph in Scanpy's layout (sc.pp.neighbors itself would spend a minute compiling numba)
+    adata.obsp["my_connectivities"] = 0.5 * knn_graph(np.log1p(toy.X.toarray()), 8)
+    adata.uns["my_neighbors"] = {"connectivities_key": "my_connectivities"}
+    scext.tl.scdefer(adata, 3, zinb=False, neighbors_key="my_neighbors", key_added="nz", **TINY)
+    assert "nz_denoised" not in adata.layers
+    assert not any("zinb" in name for name in adata.uns["nz"]["history"])
+    assert adata.uns["nz"]["params"]["graph_source"] == "sc.pp.neighbors graph 'my_neighbors'"
+    assert adata.uns["nz"]["params"]["n_edges"] == adata.obsp["my_connectivities"].nnz
+
+
+def test_leiden_picks_k_when_n_clusters_is_none(toy):
+    adata = toy.copy()
+    scext.tl.scdefer(adata, **TINY)
+    params = adata.uns["scdefer"]["params"]
+    assert params["init"] == "leiden" and params["n_clusters"] >= 2
+    assert adata.obsm["scdefer_proba"].shape == (adata.n_obs, params["n_clusters"])
+
+
+def test_layer_and_copy(toy):
+    adata = toy.copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    before = snapshot(adata)
+    result = scext.tl.scdefer(adata, 3, layer="counts", copy=True, **TINY)
+    assert_untouched(adata, before)
+    assert "X_scdefer" in result.obsm and result.uns["scdefer"]["params"]["input"] == "adata.layers['counts']"
+
+
+def _with_x(adata, matrix):
+    adata = adata.copy()
+    adata.X = matrix
+    return adata
+
+
+BAD_INPUTS = {
+    "normalised": (lambda a: _with_x(a, a.X.multiply(1 / a.X.sum(axis=1)).tocsr()), {}, "non-integer"),
+    "negative": (lambda a: _with_x(a, a.X.toarray() - 1), {}, "negative"),
+    "negative_even_if_allowed": (
+        lambda a: _with_x(a, a.X.toarray() - 1),
+        {"allow_noninteger": True},
+        "negative",
+    ),
+    "zero_cell": (
+        lambda a: _with_x(a, sp.csr_matrix(np.vstack([np.zeros(80), a.X.toarray()[1:]]))),
+        {},
+        "filter_cells",
+    ),
+    "zero_gene": (
+        lambda a: _with_x(a, sp.csr_matrix(np.hstack([np.zeros((a.n_obs, 1)), a.X.toarray()[:, 1:]]))),
+        {},
+        "filter_genes",
+    ),
+    "one_cluster": (lambda a: a.copy(), {"n_clusters": 1}, "n_clusters"),
+    "float_clusters": (lambda a: a.copy(), {"n_clusters": 2.5}, "n_clusters"),
+    "bool_clusters": (lambda a: a.copy(), {"n_clusters": True}, "n_clusters"),
+    "too_many_clusters": (lambda a: a.copy(), {"n_clusters": 150}, "n_clusters"),
+    "alpha": (lambda a: a.copy(), {"alpha": 1.5}, "alpha"),
+    "gammas": (lambda a: a.copy(), {"gammas": (0.3, -0.1, 0.5, 0.1)}, "gammas"),
+    "layer": (lambda a: a.copy(), {"layer": "missing"}, "layer"),
+    "neighbors_key": (lambda a: a.copy(), {"neighbors_key": "missing"}, "sc.pp.neighbors"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_before_work_and_leaves_adata_untouched(toy, case):
+    make, arguments, message = BAD_INPUTS[case]
+    adata = make(toy)
+    arguments = {"n_clusters": 3, **arguments}
+    before = snapshot(adata)
+    with pytest.raises((ValueError, KeyError), match=message):
+        scext.tl.scdefer(adata, **{**TINY, **arguments})
+    assert_untouched(adata, before)
+
+
+def test_allow_noninteger_proceeds_on_corrected_counts(toy):
+    adata = _with_x(toy, toy.X * 1.5)
+    scext.tl.scdefer(adata, 3, allow_noninteger=True, **{**TINY, "n_pretrain_epochs": 1, "n_epochs": 1})
+    assert adata.uns["scdefer"]["params"]["allow_noninteger"]
+    assert np.isfinite(adata.obsm["X_scdefer"]).all()
+
+
+def test_h5ad_round_trip(trained, tmp_path):
+    path = tmp_path / "scdefer.h5ad"
+    trained.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    np.testing.assert_array_equal(back.obsm["X_scdefer"], trained.obsm["X_scdefer"])
+    np.testing.assert_array_equal(back.obsm["scdefer_proba"], trained.obsm["scdefer_proba"])
+    np.testing.assert_array_equal(back.layers["scdefer_denoised"], trained.layers["scdefer_denoised"])
+    assert list(back.obs["scdefer"]) == list(trained.obs["scdefer"])
+    np.testing.assert_array_equal(back.var["scdefer_modelled"], trained.var["scdefer_modelled"])
+    for name, values in trained.uns["scdefer"]["history"].items():
+        np.testing.assert_array_equal(back.uns["scdefer"]["history"][name], values)
+    assert back.uns["scdefer"]["params"]["device"] == "cpu"
+
+
+def test_zinb_nll_matches_scipy_and_target_sharpens():
+    from scipy import stats
+
+    counts = torch.tensor([[0.0, 3.0, 10.0]])
+    pi, mean, theta = (
+        torch.tensor([[0.2, 0.1, 0.3]]),
+        torch.tensor([[1.5, 2.0, 8.0]]),
+        torch.tensor([[2.0, 0.5, 5.0]]),
+    )
+    nb = stats.nbinom(theta.numpy(), (theta / (theta + mean)).numpy())
+    likelihood = pi.numpy() * (counts.numpy() == 0) + (1 - pi.numpy()) * nb.pmf(counts.numpy())
+    expected = -np.log(likelihood).mean()
+    assert float(zinb_nll(counts, pi, mean, theta)) == pytest.approx(expected, rel=1e-5)
+    q = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]])
+    p = target_distribution(q)
+    np.testing.assert_allclose(p.sum(dim=1), 1, atol=1e-6)
+    assert p[0, 0] > q[0, 0] and p[1, 1] > q[1, 1]
