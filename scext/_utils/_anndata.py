@@ -68,3 +68,16 @@ def check_finite(matrix, source: str) -> None:
             f"{source} holds {n_bad} NaN or infinite value(s); impute or drop them (e.g. "
             "np.nan_to_num, or filter the affected cells) before training."
         )
+
+
+def is_integer_valued(matrix) -> bool:
+    """Whether every stored value of a dense or sparse matrix is a whole number (counts, not normalised data)."""
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    return bool(np.array_equal(values, np.round(values)))
+
+
+def dense_columns(matrix, columns: np.ndarray) -> np.ndarray:
+    """The chosen columns of a dense or sparse matrix as a C-contiguous float32 array (for whole-graph models)."""
+    block = matrix[:, columns]
+    block = block.toarray() if sp.issparse(block) else np.asarray(block)
+    return np.ascontiguousarray(block, dtype=np.float32)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._edges import edge_logits, sample_pairs
+
 CONVOLUTIONS = ("gat", "gatv2", "gcn")
 REGULARIZERS = ("kl", "mmd")
 # as in torch-geometric's VGAE: exp(log sigma) stays finite in float32
@@ -143,11 +145,6 @@ def _message_weight(layer: nn.Module) -> torch.Tensor:
     return linear.weight
 
 
-def edge_logits(z: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """Inner-product decoder (eq. 2) before the sigmoid, for the (source, target) pairs in `edges`."""
-    return (z[edges[0]] * z[edges[1]]).sum(dim=-1)
-
-
 def edge_reconstruction_loss(z: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """Eq. 10: binary cross-entropy of real edges against as many randomly drawn pairs."""
     return -(F.logsigmoid(edge_logits(z, positive)).mean() + F.logsigmoid(-edge_logits(z, negative)).mean())
@@ -181,15 +178,6 @@ def regularizer_loss(
 def default_regularizer_weight(kind: str, n_cells: int) -> float:
     """The VGAE recipe's 1/N for the node-averaged KL; MMD is already of order one."""
     return 1.0 / n_cells if kind == "kl" else 1.0
-
-
-def sample_pairs(n_cells: int, n_pairs: int, device: torch.device) -> torch.Tensor:
-    """Uniform random (source, target) pairs: the negative edges of eq. 10.
-
-    With k neighbours per cell a random pair is a real edge with probability about k / N, so the pairs are
-    not filtered against the graph.
-    """
-    return torch.randint(0, n_cells, (2, n_pairs), device=device)
 
 
 def reparameterize(mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..train import dense_rows, iter_minibatches, train_loop
-from ._kmeans import kmeans, squared_distances
+from ._kmeans import kmeans, student_t
 
 CPU = torch.device("cpu")
 # inference attends every cell to all cells; query chunks keep the score matrix near this many elements
@@ -126,12 +126,6 @@ def gaussian_view(x: torch.Tensor, generator: torch.Generator | None = None) -> 
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     low, high = noise.min(), noise.max()
     return x + (noise - low) / (high - low).clamp_min(torch.finfo(x.dtype).eps)
-
-
-def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """Eq. 8: soft assignment q_ij proportional to (1 + ||h_i - c_j||^2 / alpha)^(-(alpha + 1) / 2)."""
-    kernel = (1 + squared_distances(h, centers) / alpha).pow(-(alpha + 1) / 2)
-    return kernel / kernel.sum(dim=1, keepdim=True)
 
 
 def _similarities(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""K-means in torch: k-means++ seeding and Lloyd iterations on any device, so a GPU run stays on the GPU."""
+"""K-means and the Student-t soft assignment in torch, on any device, so a GPU run stays on the GPU."""
 
 from __future__ import annotations
 
@@ -126,3 +126,9 @@ def _lloyd(x, squared_norms, centers, max_iter, threshold):
     distances = squared_distances(x, centers, squared_norms)
     nearest, labels = distances.min(dim=1)
     return centers, labels, nearest.sum()
+
+
+def student_t(h: torch.Tensor, centers: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Eq. 8: soft assignment q_ij proportional to (1 + ||h_i - c_j||^2 / alpha)^(-(alpha + 1) / 2)."""
+    kernel = (1 + squared_distances(h, centers) / alpha).pow(-(alpha + 1) / 2)
+    return kernel / kernel.sum(dim=1, keepdim=True)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._cellvgae import edge_logits, sample_pairs
-from ._cicl import student_t
+from ._edges import edge_logits, sample_pairs
+from ._kmeans import student_t
 
 # keep exp() of the ZINB heads finite in float32 (the DCA / scTAG clipping)
 MEAN_RANGE = (1e-5, 1e6)

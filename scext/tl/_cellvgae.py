@@ -10,7 +10,15 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .. import __version__
-from .._utils import check_finite, get_matrix, matrix_source, resolve_device, seed_everything
+from .._utils import (
+    check_finite,
+    dense_columns,
+    get_matrix,
+    is_integer_valued,
+    matrix_source,
+    resolve_device,
+    seed_everything,
+)
 from .._utils._graph import edge_index, knn_graph, neighbors_graph, undirected_edges
 from ..models._cellvgae import (
     CONVOLUTIONS,
@@ -190,7 +198,7 @@ def cellvgae(
                 if graph_n_top_genes is None
                 else _gene_selection(adata, matrix, graph_n_top_genes, use_raw, "graph_n_top_genes")
             )
-            graph_data = _dense_columns(matrix, graph_genes)
+            graph_data = dense_columns(matrix, graph_genes)
             graph_source = f"{len(graph_genes)} genes of {matrix_source(layer, use_raw)}"
         cell_graph = knn_graph(
             graph_data,
@@ -203,7 +211,7 @@ def cellvgae(
 
     from sklearn.preprocessing import minmax_scale
 
-    x = torch.from_numpy(minmax_scale(_dense_columns(matrix, features)).astype(np.float32)).to(torch_device)
+    x = torch.from_numpy(minmax_scale(dense_columns(matrix, features)).astype(np.float32)).to(torch_device)
     edges = edge_index(cell_graph, torch_device)
     net = CellVGAENet(
         x.shape[1],
@@ -387,16 +395,10 @@ def _gene_selection(
     return np.flatnonzero(variable["highly_variable"].to_numpy(bool))
 
 
-def _dense_columns(matrix, columns: np.ndarray) -> np.ndarray:
-    block = matrix[:, columns]
-    block = block.toarray() if sp.issparse(block) else np.asarray(block)
-    return np.ascontiguousarray(block, dtype=np.float32)
-
-
 def _warn_if_counts(matrix) -> None:
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
     values = values[:100_000]
-    if values.size and values.max() > 30 and np.all(values == np.round(values)):
+    if values.size and values.max() > 30 and is_integer_valued(values):
         logg.warning(
             "the input looks like raw counts; CellVGAE expects log-normalised expression "
             "(sc.pp.normalize_total, then sc.pp.log1p)."

@@ -11,7 +11,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .. import __version__
-from .._utils import get_matrix, matrix_source, resolve_device, seed_everything
+from .._utils import get_matrix, is_integer_valued, matrix_source, resolve_device, seed_everything
 from ..models import Cicl
 from ..models._cicl import smallest_batch
 
@@ -260,7 +260,7 @@ def _check_arguments(n_clusters, n_cells, batch_size, n_top_genes, preprocess, c
 
 def _is_counts(matrix) -> bool:
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
-    return bool(values.size == 0 or (values.min() >= 0 and np.array_equal(values, np.round(values))))
+    return bool(values.size == 0 or (values.min() >= 0 and is_integer_valued(values)))
 
 
 def _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw):

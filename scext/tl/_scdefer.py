@@ -10,7 +10,14 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .. import __version__
-from .._utils import get_matrix, matrix_source, resolve_device, seed_everything
+from .._utils import (
+    dense_columns,
+    get_matrix,
+    is_integer_valued,
+    matrix_source,
+    resolve_device,
+    seed_everything,
+)
 from .._utils._graph import edge_index, knn_graph, neighbors_graph
 from ..models._kmeans import kmeans
 from ..models._scdefer import (
@@ -176,7 +183,7 @@ def scdefer(
     else:
         variable = sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
         genes = np.flatnonzero(variable["highly_variable"].to_numpy(bool))
-    log_expression = _dense(work.X[:, genes])
+    log_expression = dense_columns(work.X, genes)
     del work
     if cell_graph is None:
         cell_graph = knn_graph(log_expression, n_neighbors, random_state=random_state)
@@ -184,7 +191,7 @@ def scdefer(
     else:
         graph_source = f"sc.pp.neighbors graph {neighbors_key!r}"
     features = sc.pp.scale(log_expression, max_value=10, copy=True)
-    counts = _dense(matrix[:, genes])
+    counts = dense_columns(matrix, genes)
 
     seed_everything(random_state)
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(torch_device)
@@ -386,7 +393,7 @@ def _check_counts(matrix, source: str, allow_noninteger: bool) -> None:
             f"{source} holds negative values; scdefer needs raw counts. Pass the raw-count layer "
             "(layer='counts') or use_raw=True if adata.raw holds the counts."
         )
-    if not allow_noninteger and values.size and not np.array_equal(values, np.round(values)):
+    if not allow_noninteger and values.size and not is_integer_valued(values):
         raise ValueError(
             f"{source} holds non-integer values (normalised or log data?); scdefer needs raw counts. Pass "
             "the raw-count layer (layer='counts'), or allow_noninteger=True if these are corrected counts."
@@ -411,11 +418,6 @@ def _check_finite_history(history: dict, stage: str, argument: str, rate: float)
             f"scDEFER's {stage} diverged (non-finite loss at {argument}={rate:g}); lower {argument}. "
             "adata was not modified."
         )
-
-
-def _dense(block) -> np.ndarray:
-    block = block.toarray() if sp.issparse(block) else np.asarray(block)
-    return np.ascontiguousarray(block, dtype=np.float32)
 
 
 def _leiden_centers(z: torch.Tensor, random_state: int) -> torch.Tensor:
