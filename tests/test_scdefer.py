@@ -129,6 +129,13 @@ def test_leiden_picks_k_when_n_clusters_is_none(toy):
     assert adata.obsm["scdefer_proba"].shape == (adata.n_obs, params["n_clusters"])
 
 
+def test_spectral_init_separates_planted_clusters(toy):
+    adata = toy.copy()
+    scext.tl.scdefer(adata, 3, init="spectral", **{**SMALL, "n_epochs": 5})
+    assert adata.uns["scdefer"]["params"]["init"] == "spectral"
+    assert adjusted_rand_score(adata.obs["cell_type"], adata.obs["scdefer"]) > 0.9
+
+
 def test_layer_and_copy(toy):
     adata = toy.copy()
     sc.pp.normalize_total(adata)
@@ -168,6 +175,7 @@ BAD_INPUTS = {
     "bool_clusters": (lambda a: a.copy(), {"n_clusters": True}, "n_clusters"),
     "too_many_clusters": (lambda a: a.copy(), {"n_clusters": 150}, "n_clusters"),
     "alpha": (lambda a: a.copy(), {"alpha": 1.5}, "alpha"),
+    "init": (lambda a: a.copy(), {"init": "random"}, "init"),
     "gammas": (lambda a: a.copy(), {"gammas": (0.3, -0.1, 0.5, 0.1)}, "gammas"),
     "layer": (lambda a: a.copy(), {"layer": "missing"}, "layer"),
     "neighbors_key": (lambda a: a.copy(), {"neighbors_key": "missing"}, "sc.pp.neighbors"),

@@ -22,9 +22,9 @@ from .._utils._graph import edge_index, knn_graph, neighbors_graph
 from ..models._kmeans import kmeans
 from ..models._scdefer import (
     ScdeferNet,
-    normalized_adjacency,
     graph_reconstruction_loss,
     kl_target,
+    normalized_adjacency,
     soft_assignments,
     soft_bce,
     target_distribution,
@@ -54,6 +54,7 @@ def scdefer(
     pretrain_lr: float = 1e-4,
     lr: float = 1e-4,
     update_interval: int = 5,
+    init: str = "kmeans",
     device: str | torch.device = "auto",
     random_state: int = 0,
     progress_bar: bool | None = None,
@@ -119,6 +120,10 @@ def scdefer(
         Learning rates of the two stages.
     update_interval
         Recompute the target distributions P, P^D, P^G from the current Q every this many epochs.
+    init
+        How the K centres start on the pretrained Z (the paper's "K-means (or spectral)"): ``"kmeans"``
+        (10 k-means++ seedings, lowest inertia) or ``"spectral"`` (scikit-learn's spectral clustering on a
+        10-NN affinity of Z; centres are its clusters' means). Ignored when `n_clusters` is None.
     device, random_state, progress_bar
         As everywhere in scext. On the CPU the same `random_state` gives the same numbers; on CUDA the
         scatter operations of the graph layers are not bit-reproducible.
@@ -150,7 +155,17 @@ def scdefer(
     start = logg.info("training scDEFER")
     torch_device = resolve_device(device)
     gammas = _check_arguments(
-        n_clusters, alpha, gammas, zinb, n_pretrain_epochs, n_epochs, pretrain_lr, lr, update_interval, hops
+        n_clusters,
+        alpha,
+        gammas,
+        zinb,
+        n_pretrain_epochs,
+        n_epochs,
+        pretrain_lr,
+        lr,
+        update_interval,
+        hops,
+        init,
     )
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
     source = matrix_source(layer, use_raw)
@@ -241,11 +256,15 @@ def scdefer(
         z = net.encode(x, propagation, adjacency)[0]
     if n_clusters is None:
         init = "leiden"
-        centers = _leiden_centers(z, random_state)
+        centers = _cluster_means(z, _leiden_codes(z, random_state))
         n_clusters = centers.shape[0]
+        if n_clusters < 2:
+            raise ValueError("Leiden found a single cluster in the pretrained embedding; pass n_clusters.")
         net.centers = torch.nn.Parameter(centers.detach().clone())
+    elif init == "spectral":
+        centers = _cluster_means(z, _spectral_codes(z, int(n_clusters), random_state))
+        net.set_centers(centers)
     else:
-        init = "kmeans"
         generator = torch.Generator(device=torch_device)
         generator.manual_seed(int(random_state))
         centers, _ = kmeans(z, int(n_clusters), n_init=10, generator=generator)
@@ -355,8 +374,10 @@ def _is_int(value) -> bool:
 
 
 def _check_arguments(
-    n_clusters, alpha, gammas, zinb, n_pretrain_epochs, n_epochs, pretrain_lr, lr, update_interval, hops
+    n_clusters, alpha, gammas, zinb, n_pretrain_epochs, n_epochs, pretrain_lr, lr, update_interval, hops, init
 ) -> tuple[float, float, float, float]:
+    if init not in ("kmeans", "spectral"):
+        raise ValueError(f"init={init!r} is unknown; choose 'kmeans' or 'spectral'.")
     if n_clusters is not None and (not _is_int(n_clusters) or n_clusters < 2):
         raise ValueError(
             f"n_clusters must be an int of at least 2 (or None to take the number of Leiden clusters); "
@@ -421,8 +442,8 @@ def _check_finite_history(history: dict, stage: str, argument: str, rate: float)
         )
 
 
-def _leiden_centers(z: torch.Tensor, random_state: int) -> torch.Tensor:
-    """Means of Z over the Leiden clusters of its 15-NN graph: K and centres when n_clusters is None."""
+def _leiden_codes(z: torch.Tensor, random_state: int) -> np.ndarray:
+    """Leiden clusters (resolution 1) of Z's unweighted 15-NN graph: K and centres when n_clusters is None."""
     import scanpy as sc
 
     embedding = z.cpu().numpy()
@@ -432,9 +453,28 @@ def _leiden_centers(z: torch.Tensor, random_state: int) -> torch.Tensor:
     sc.tl.leiden(
         work, adjacency=graph, random_state=random_state, flavor="igraph", n_iterations=2, directed=False
     )
-    codes = torch.from_numpy(work.obs["leiden"].astype(int).to_numpy()).to(z.device)
+    return work.obs["leiden"].astype(int).to_numpy()
+
+
+def _spectral_codes(z: torch.Tensor, n_clusters: int, random_state: int) -> np.ndarray:
+    """Spectral clustering of Z on its symmetrised 10-NN affinity (scikit-learn)."""
+    from sklearn.cluster import SpectralClustering
+
+    n_cells = z.shape[0]
+    spectral = SpectralClustering(
+        n_clusters,
+        affinity="nearest_neighbors",
+        n_neighbors=min(10, n_cells - 1),
+        assign_labels="cluster_qr",
+        random_state=random_state,
+    )
+    return spectral.fit_predict(z.cpu().numpy())
+
+
+def _cluster_means(z: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
+    """Mean of Z over each cluster (codes 0 .. K-1; a cluster without cells keeps a zero centre)."""
+    codes = torch.from_numpy(np.asarray(codes, dtype=np.int64)).to(z.device)
     n_clusters = int(codes.max()) + 1
-    if n_clusters < 2:
-        raise ValueError("Leiden found a single cluster in the pretrained embedding; pass n_clusters.")
     sums = torch.zeros(n_clusters, z.shape[1], device=z.device, dtype=z.dtype).index_add_(0, codes, z)
-    return sums / torch.bincount(codes, minlength=n_clusters).to(z.dtype)[:, None]
+    sizes = torch.bincount(codes, minlength=n_clusters).clamp_min(1).to(z.dtype)
+    return sums / sizes[:, None]
