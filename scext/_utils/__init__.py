@@ -1,17 +1,33 @@
 """Shared plumbing: device, seeds, AnnData access, input checks. Every tool uses these, none re-implements them."""
 
-from ._anndata import check_finite, dense_columns, get_matrix, is_integer_valued, matrix_source
+from ._anndata import (
+    SelectedColumns,
+    check_finite,
+    column_mean_var,
+    dense_columns,
+    get_matrix,
+    is_backed,
+    is_integer_valued,
+    matrix_source,
+    min_value,
+    row_blocks,
+)
 from ._device import resolve_device
 from ._random import seed_everything
 from ._split import stratified_split
 
 __all__ = [
+    "SelectedColumns",
     "check_finite",
+    "column_mean_var",
     "dense_columns",
     "get_matrix",
+    "is_backed",
     "is_integer_valued",
     "matrix_source",
+    "min_value",
     "resolve_device",
+    "row_blocks",
     "seed_everything",
     "stratified_split",
 ]

@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from anndata.abc import CSCDataset, CSRDataset
+
+# rows per streamed block: about this many matrix elements (64 MB of float32 when dense)
+BLOCK_ELEMENTS = 2**24
 
 
 def matrix_source(layer: str | None, use_raw: bool) -> str:
@@ -13,16 +20,24 @@ def matrix_source(layer: str | None, use_raw: bool) -> str:
     return f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
 
 
-def get_matrix(adata: AnnData, layer: str | None = None, use_raw: bool = False):
+def get_matrix(adata: AnnData, layer: str | None = None, use_raw: bool = False, *, backed: bool = False):
     """The cells x genes matrix a tool reads, and its gene names.
 
     Sparse input stays sparse (CSR, sorted indices) so that only minibatches are ever densified. Layers
     whose name says they hold counts are checked for negative values, since every count model breaks on them.
 
+    Parameters
+    ----------
+    backed
+        For tools that stream their input in row blocks: when ``adata`` is backed
+        (``read_h5ad(..., backed="r")``), return its on-disk ``X`` as is (an h5py dataset or anndata's
+        CSR dataset, both row-indexable; see `row_blocks`). Without it, backed ``X`` is read into memory.
+
     Returns
     -------
     matrix
-        `scipy.sparse.csr_matrix` or `numpy.ndarray`, never a copy when avoidable.
+        `scipy.sparse.csr_matrix`, `numpy.ndarray` or (with `backed`) an on-disk dataset; never a copy when
+        avoidable.
     var_names
         `pandas.Index` of the matrix's genes.
     """
@@ -38,32 +53,109 @@ def get_matrix(adata: AnnData, layer: str | None = None, use_raw: bool = False):
         matrix, var_names = adata.layers[layer], adata.var_names
     else:
         matrix, var_names = adata.X, adata.var_names
+    source = matrix_source(layer, use_raw)
     if matrix is None:
-        raise ValueError(f"{matrix_source(layer, use_raw)} is empty.")
+        raise ValueError(f"{source} is empty.")
+    if isinstance(matrix, CSCDataset):
+        if backed:
+            raise ValueError(
+                f"{source} is stored on disk column by column (CSC), which cannot be read in row blocks. "
+                "Rewrite it as CSR once (adata.X = adata.X.tocsr() in memory, then write_h5ad) or read "
+                "the file without backed=."
+            )
+        matrix = matrix.to_memory()
+    elif is_backed(matrix) and not backed:
+        matrix = matrix.to_memory() if isinstance(matrix, CSRDataset) else matrix[()]
     if sp.issparse(matrix):
         matrix = sp.csr_matrix(matrix)
         if not matrix.has_sorted_indices:
             matrix = matrix.copy()
             matrix.sort_indices()
-    elif not isinstance(matrix, np.ndarray):
-        # backed datasets and array-likes: read the whole thing only here, where it is needed anyway
+    elif not isinstance(matrix, np.ndarray) and not is_backed(matrix):
         matrix = np.asarray(matrix)
-    check_finite(matrix, matrix_source(layer, use_raw))
-    if layer is not None and "count" in layer.lower():
-        values = matrix.data if sp.issparse(matrix) else matrix
-        if values.size and values.min() < 0:
-            raise ValueError(
-                f"layer={layer!r} holds negative values, which counts cannot; pass the raw-count layer, "
-                "or a layer not named as counts if the values are meant to be negative."
-            )
+    check_finite(matrix, source)
+    if layer is not None and "count" in layer.lower() and min_value(matrix) < 0:
+        raise ValueError(
+            f"layer={layer!r} holds negative values, which counts cannot; pass the raw-count layer, "
+            "or a layer not named as counts if the values are meant to be negative."
+        )
     return matrix, pd.Index(var_names)
 
 
+def is_backed(matrix) -> bool:
+    """Whether `matrix` is an on-disk dataset of a backed AnnData."""
+    return isinstance(matrix, (h5py.Dataset, CSRDataset, CSCDataset))
+
+
+def row_blocks(matrix, rows: np.ndarray | None = None, block_rows: int | None = None) -> Iterator:
+    """Yield ``(row_indices, block)`` over `rows` (sorted; all rows by default) of any matrix scext reads.
+
+    Blocks keep the input's kind (CSR stays CSR), hold about `BLOCK_ELEMENTS` values unless `block_rows`
+    is given, and read backed matrices one block at a time, so a pass over the data never holds it whole.
+    """
+    n_rows, n_columns = matrix.shape
+    if block_rows is None:
+        block_rows = max(1, BLOCK_ELEMENTS // max(1, n_columns))
+    if rows is None:
+        for start in range(0, n_rows, block_rows):
+            stop = min(start + block_rows, n_rows)
+            yield np.arange(start, stop), matrix[start:stop]
+        return
+    rows = np.asarray(rows)
+    for start in range(0, len(rows), block_rows):
+        chunk = rows[start : start + block_rows]
+        yield chunk, matrix[chunk]
+
+
+def _stored(block) -> np.ndarray:
+    return block.data if sp.issparse(block) else np.asarray(block)
+
+
+def min_value(matrix) -> float:
+    """Smallest stored value (``inf`` for an empty matrix), streamed in row blocks."""
+    lows = [_stored(block).min() for _, block in row_blocks(matrix) if _stored(block).size]
+    return float(min(lows)) if lows else np.inf
+
+
+def column_mean_var(matrix, rows: np.ndarray | None = None, ddof: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and variance over `rows` (all by default), streamed in row blocks, in float64.
+
+    Block statistics are merged pairwise (Chan et al., scikit-learn's `incr_mean_variance_axis`): stable
+    for millions of rows, and exactly zero variance for constant columns.
+    """
+    from sklearn.utils.sparsefuncs import incr_mean_variance_axis
+
+    n_columns = matrix.shape[1]
+    mean, var, seen = np.zeros(n_columns), np.zeros(n_columns), np.zeros(n_columns, dtype=np.int64)
+    for _, block in row_blocks(matrix, None if rows is None else np.sort(rows)):
+        mean, var, seen = incr_mean_variance_axis(
+            sp.csr_matrix(block, dtype=np.float64), axis=0, last_mean=mean, last_var=var, last_n=seen
+        )
+    n_rows = int(seen[0]) if n_columns else 0
+    if ddof and n_rows > ddof:
+        var = var * n_rows / (n_rows - ddof)
+    return mean, var
+
+
+class SelectedColumns:
+    """Rows of `matrix` restricted to `columns`, read lazily: backed input is never loaded whole.
+
+    Offers what the minibatch readers need (``shape``, ``[rows]``), for models whose genes are a reordered
+    subset of an AnnData's.
+    """
+
+    def __init__(self, matrix, columns: np.ndarray):
+        self.matrix, self.columns = matrix, np.asarray(columns)
+        self.shape = (matrix.shape[0], len(self.columns))
+
+    def __getitem__(self, rows):
+        return self.matrix[rows][:, self.columns]
+
+
 def check_finite(matrix, source: str) -> None:
-    """Raise a ValueError naming `source` when the matrix holds NaN or inf."""
-    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
-    if values.size and not np.isfinite(values).all():
-        n_bad = int((~np.isfinite(values)).sum())
+    """Raise a ValueError naming `source` when the matrix holds NaN or inf (streamed in row blocks)."""
+    n_bad = sum(int((~np.isfinite(_stored(block))).sum()) for _, block in row_blocks(matrix))
+    if n_bad:
         raise ValueError(
             f"{source} holds {n_bad} NaN or infinite value(s); impute or drop them (e.g. "
             "np.nan_to_num, or filter the affected cells) before training."

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.distributed as dist
 
 from .._settings import settings
 
@@ -9,12 +12,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Turn a user's device argument into a `torch.device`, failing early when it is not there.
 
     ``"auto"`` defers to `scext.settings.device`, then to the first CUDA device if present, else the CPU.
-    MPS is never chosen automatically (several ops scext needs are missing or slow there).
+    In a `torch.distributed` process group (torchrun, one process per GPU) it is this process's GPU,
+    ``cuda:$LOCAL_RANK``. MPS is never chosen automatically (several ops scext needs are missing or slow
+    there).
     """
     if isinstance(device, str) and device == "auto":
         device = settings.device
     if isinstance(device, str) and device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if not (dist.is_available() and dist.is_initialized()):
+            return torch.device("cuda:0")
+        # torchrun sets LOCAL_RANK; other launchers (mp.spawn) may not, and then ranks fill GPUs in turn.
+        # An index past the last GPU is reported below rather than wrapped onto a GPU another rank uses.
+        fallback = dist.get_rank() % torch.cuda.device_count()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", fallback)))
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:

@@ -70,18 +70,20 @@ class CiclEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._after_attention(x, self.attention(x))
 
+    def forward_against(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The layer for cells `x` attending to other cells, given as their projected keys and values."""
+        return self._after_attention(x, self.attention.attend(self.attention.query(x), keys, values))
+
     def forward_in_chunks(self, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
         """The same layer with every cell of `x` attending to all of `x`, queries taken `chunk_size` at a time.
 
         Equal to ``forward(x)`` up to float rounding, with the score matrix never larger than chunk x cells.
         """
-        attention = self.attention
-        keys, values = attention.key(x), attention.value(x)
+        keys, values = self.attention.key(x), self.attention.value(x)
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], chunk_size):
-            rows = x[start : start + chunk_size]
-            out[start : start + chunk_size] = self._after_attention(
-                rows, attention.attend(attention.query(rows), keys, values)
+            out[start : start + chunk_size] = self.forward_against(
+                x[start : start + chunk_size], keys, values
             )
         return out
 
@@ -100,6 +102,9 @@ class CiclNet(nn.Module):
     ):
         super().__init__()
         head_dim = max(1, n_genes // n_heads) if head_dim is None else head_dim
+        # per-gene z-scoring applied to each minibatch, so the stored input can stay sparse
+        self.register_buffer("center", torch.zeros(n_genes))
+        self.register_buffer("scale", torch.ones(n_genes))
         self.layers = nn.ModuleList(
             CiclEncoderLayer(n_genes, n_heads, head_dim, feedforward_dim) for _ in range(n_layers)
         )
@@ -109,6 +114,9 @@ class CiclNet(nn.Module):
             head += [nn.Linear(width, size, bias=False), nn.ReLU()]
             width = size
         self.projection = nn.Sequential(*head[:-1])  # eq. 10: W3 ReLU(W4 H), no activation on the output
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.center) / self.scale
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -219,6 +227,7 @@ class Cicl:
         last pseudo-labels and centres are kept on the model for inspection.
         """
         net = self.net
+        x = net.standardize(x)
         with torch.no_grad():
             h = net.encode(x)
             centers, _ = kmeans(h, self.n_clusters, max_iter=self.kmeans_iter, generator=generator)
@@ -265,26 +274,61 @@ class Cicl:
             description="cicl",
         )
 
+    def set_scaler(self, center: np.ndarray, scale: np.ndarray) -> None:
+        """Per-gene centre and scale applied to every minibatch before the network (z-scoring)."""
+        self.net.center.copy_(torch.as_tensor(center, dtype=torch.float32))
+        self.net.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+
     @torch.inference_mode()
-    def transform(self, matrix, device: torch.device = CPU, chunk_size: int | None = None) -> torch.Tensor:
+    def transform(
+        self,
+        matrix,
+        device: torch.device = CPU,
+        chunk_size: int | None = None,
+        *,
+        reference_size: int | None = None,
+        generator: np.random.Generator | None = None,
+    ) -> torch.Tensor:
         """H of every cell of `matrix`, each cell attending to all cells of `matrix` (returned on `device`).
 
         This is the clustering phase of Algorithm 1 with the whole data set as one batch, computed layer by
         layer in chunks of query cells so memory stays O(chunk x cells). A cell's embedding therefore does
         not depend on how cells would be split into batches, nor on their order.
+
+        With more cells than `reference_size`, exact attention (O(cells^2)) is replaced by attention to a
+        reference set: `reference_size` cells drawn by `generator` attend among themselves, layer by layer,
+        and every cell attends to the reference cells' keys and values at each layer. The cost is then
+        O(cells x reference) and only one block of cells is dense at a time; the embedding still does not
+        depend on any batch split.
         """
         net = self.net.to(device).eval()
         n_cells = matrix.shape[0]
+        n_heads = net.layers[0].attention.n_heads if len(net.layers) else 1
+        if reference_size is None or n_cells <= reference_size:
+            if chunk_size is None:
+                chunk_size = max(64, _ATTENTION_ELEMENTS // max(1, n_cells * n_heads))
+            x = torch.cat(
+                [net.standardize(block) for block in _dense_blocks(matrix, np.arange(n_cells), device)]
+            )
+            return net.encode_in_chunks(x, chunk_size)
+        generator = np.random.default_rng(0) if generator is None else generator
+        reference = np.sort(generator.choice(n_cells, size=reference_size, replace=False))
         if chunk_size is None:
-            n_heads = net.layers[0].attention.n_heads if len(net.layers) else 1
-            chunk_size = max(64, _ATTENTION_ELEMENTS // max(1, n_cells * n_heads))
-        x = torch.cat(
-            [
-                dense_rows(matrix, np.arange(s, min(s + 4096, n_cells)), device)
-                for s in range(0, n_cells, 4096)
-            ]
-        )
-        return net.encode_in_chunks(x, chunk_size)
+            chunk_size = max(64, _ATTENTION_ELEMENTS // max(1, reference_size * n_heads))
+        hidden = torch.cat([net.standardize(block) for block in _dense_blocks(matrix, reference, device)])
+        keys_values = []
+        for layer in net.layers:
+            keys_values.append((layer.attention.key(hidden), layer.attention.value(hidden)))
+            hidden = layer.forward_in_chunks(hidden, chunk_size)
+        out = torch.empty(n_cells, matrix.shape[1], device=device)
+        rows = np.arange(n_cells)
+        for start in range(0, n_cells, chunk_size):
+            chunk = rows[start : start + chunk_size]
+            hidden = net.standardize(dense_rows(matrix, chunk, device))
+            for layer, (keys, values) in zip(net.layers, keys_values, strict=True):
+                hidden = layer.forward_against(hidden, keys, values)
+            out[start : start + len(chunk)] = hidden
+        return out
 
     @torch.inference_mode()
     def cluster(
@@ -293,6 +337,11 @@ class Cicl:
         """Final K-means on H (lowest inertia of `n_init` seedings; no label is read): labels, q, centres."""
         centers, labels = kmeans(h, self.n_clusters, n_init=n_init, max_iter=300, generator=generator)
         return labels, student_t(h, centers, self.alpha), centers
+
+
+def _dense_blocks(matrix, rows: np.ndarray, device: torch.device, block_rows: int = 4096):
+    for start in range(0, len(rows), block_rows):
+        yield dense_rows(matrix, rows[start : start + block_rows], device)
 
 
 def balanced_batch_size(n_cells: int, batch_size: int) -> int:

@@ -11,11 +11,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
-from sklearn.utils.sparsefuncs import mean_variance_axis
 from torch import nn
 
-from .._utils import get_matrix
-from ..train import iter_minibatches, map_minibatches, train_loop
+from .._utils import SelectedColumns, column_mean_var, get_matrix
+from ..train import all_reduce_sum, iter_minibatches, map_minibatches, train_loop
 from ._gene_gcn import GeneGraphSmoothing
 
 MODEL_FILE = "kratos_model.pt"
@@ -135,13 +134,8 @@ class Kratos:
 
     # ------------------------------------------------------------------ training
     def fit_scaler(self, matrix, rows: np.ndarray, scale: bool = True) -> None:
-        """Fit the per-gene centre and scale on `rows` (the training cells) only."""
-        subset = matrix[rows]
-        if sp.issparse(subset):
-            mean, var = mean_variance_axis(sp.csr_matrix(subset, dtype=np.float64), axis=0)
-        else:
-            subset = np.asarray(subset, dtype=np.float64)
-            mean, var = subset.mean(axis=0), subset.var(axis=0)
+        """Fit the per-gene centre and scale on `rows` (the training cells) only, streamed in row blocks."""
+        mean, var = column_mean_var(matrix, rows)
         std = np.sqrt(var)
         std[std == 0] = 1.0  # constant genes carry no signal; leave them at zero after centring
         if not scale:
@@ -164,7 +158,12 @@ class Kratos:
         generator: torch.Generator | None = None,
         progress_bar: bool | None = None,
     ) -> dict[str, list[float]]:
-        """Train with Adam on eq. 11; early stopping on the validation loss. Returns the history."""
+        """Train with Adam on eq. 11; early stopping on the validation loss. Returns the history.
+
+        Data-parallel when a `torch.distributed` process group is initialised: every rank must call this
+        with the same arguments; each trains on its shard of every minibatch and validates on its shard
+        of the validation cells, and all ranks end with the same weights and history.
+        """
         net = self.net.to(device)
         targets = torch.as_tensor(labels, dtype=torch.long, device=device)
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
@@ -176,16 +175,28 @@ class Kratos:
 
         def batches():
             return iter_minibatches(
-                matrix, train_rows, batch_size, device, shuffle=True, generator=generator, extras=(targets,)
+                matrix,
+                train_rows,
+                batch_size,
+                device,
+                shuffle=True,
+                generator=generator,
+                extras=(targets,),
+                distributed=True,
             )
 
         def validate():
-            loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-            for x, y in iter_minibatches(matrix, validation_rows, 4096, device, extras=(targets,)):
-                logits = net(x)
-                loss += one_vs_all_bce(logits, y) * len(y)
-                correct += (logits.argmax(1) == y).sum()
-            return {"loss": loss / len(validation_rows), "accuracy": correct / len(validation_rows)}
+            # [loss sum, correct]: one all-reduce gives every rank the same value, hence the same stopping
+            totals = torch.zeros(2, device=device)
+            for x, y in iter_minibatches(
+                matrix, validation_rows, 4096, device, extras=(targets,), distributed=True
+            ):
+                if len(y):
+                    logits = net(x)
+                    totals[0] += one_vs_all_bce(logits, y) * len(y)
+                    totals[1] += (logits.argmax(1) == y).sum()
+            loss, correct = all_reduce_sum(totals) / len(validation_rows)
+            return {"loss": loss, "accuracy": correct}
 
         has_validation = len(validation_rows) > 0
         return train_loop(
@@ -198,6 +209,7 @@ class Kratos:
             patience=patience if has_validation else None,
             progress_bar=progress_bar,
             description="kratos",
+            distributed=True,
         )
 
     def pretrain_autoencoder(
@@ -235,17 +247,18 @@ class Kratos:
             optimizer,
             step=step,
             batches=lambda: iter_minibatches(
-                matrix, train_rows, batch_size, device, shuffle=True, generator=generator
+                matrix, train_rows, batch_size, device, shuffle=True, generator=generator, distributed=True
             ),
             n_epochs=n_epochs,
             progress_bar=progress_bar,
             description="kratos autoencoder",
+            distributed=True,
         )
 
     # ------------------------------------------------------------------ inference
     def aligned_matrix(self, adata: AnnData):
         """The AnnData's expression in this model's gene order; raises if genes are missing."""
-        matrix, var_names = get_matrix(adata, layer=self.layer, use_raw=self.use_raw)
+        matrix, var_names = get_matrix(adata, layer=self.layer, use_raw=self.use_raw, backed=True)
         if var_names.equals(self.var_names):
             return matrix
         position = var_names.get_indexer(self.var_names)
@@ -256,7 +269,7 @@ class Kratos:
                 f"(e.g. {list(missing[:5])}). Subset or reindex it to the training genes "
                 "(model.var_names) before predicting; a model cannot classify genes it never saw."
             )
-        return matrix[:, position]
+        return SelectedColumns(matrix, position)
 
     def embed_and_classify(
         self, matrix, device: torch.device = CPU, batch_size: int = 4096

@@ -11,7 +11,16 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .. import __version__
-from .._utils import get_matrix, is_integer_valued, matrix_source, resolve_device, seed_everything
+from .._utils import (
+    column_mean_var,
+    get_matrix,
+    is_integer_valued,
+    matrix_source,
+    min_value,
+    resolve_device,
+    row_blocks,
+    seed_everything,
+)
 from ..models import Cicl
 from ..models._cicl import smallest_batch
 
@@ -21,6 +30,8 @@ MIN_GENES = 10
 MIN_STEPS, MIN_EPOCHS, MAX_EPOCHS = 300, 10, 150
 # above this many input genes (without preprocessing) the model, as wide as the input, gets slow
 MANY_GENES = 5000
+# above this many cells, highly variable genes are chosen on a seeded sample of this many cells
+HVG_MAX_CELLS = 100_000
 
 
 def cicl(
@@ -44,6 +55,7 @@ def cicl(
     batch_size: int = 256,
     kmeans_iter: int = 20,
     kmeans_n_init: int = 10,
+    max_attention_cells: int | None = 20_000,
     device: str | torch.device = "auto",
     random_state: int = 0,
     progress_bar: bool | None = None,
@@ -65,7 +77,12 @@ def cicl(
     computed layer by layer in chunks of query cells, so memory stays O(chunk x cells). A cell's embedding
     then does not depend on any batch split or on the order of the cells; it does depend on which cells are
     in `adata`, as attention across cells implies. The cost is O(cells^2) per layer: about a second for
-    5,000 cells on a CPU, and seconds for 100,000 cells on one GPU.
+    5,000 cells on a CPU. Above `max_attention_cells` cells, every cell attends instead to a seeded
+    reference sample of that many cells (see `max_attention_cells`).
+
+    Input is streamed: preprocessing reads the matrix in row blocks (a backed AnnData,
+    ``read_h5ad(path, backed="r")``, is never loaded whole), keeps the log-normalised selected genes as a
+    sparse matrix and z-scores each minibatch on the fly.
 
     Parameters
     ----------
@@ -102,6 +119,10 @@ def cicl(
         epoch costs about 5 ms per cell on a 2-core CPU with the default architecture and 500 genes.
     kmeans_iter, kmeans_n_init
         Lloyd iterations of the per-step K-means, and seedings of the final K-means.
+    max_attention_cells
+        Inference is exact (every cell attends to every cell) up to this many cells. Above it, a seeded
+        sample of this many reference cells attend among themselves layer by layer and every cell attends
+        to the reference cells, at O(cells x reference) cost. ``None``: always exact.
     device
         ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a `torch.device`.
         Training, K-means and inference all stay on it; results are copied to the CPU once, at the end.
@@ -133,9 +154,13 @@ def cicl(
     """
     start = logg.info("clustering cells with CICL")
     torch_device = resolve_device(device)
-    matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
+    matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw, backed=True)
     n_cells = matrix.shape[0]
     _check_arguments(n_clusters, n_cells, batch_size, n_top_genes, preprocess, cluster_weight, n_epochs)
+    if max_attention_cells is not None and (
+        not isinstance(max_attention_cells, (int, np.integer)) or max_attention_cells < 1
+    ):
+        raise ValueError(f"max_attention_cells must be a positive int or None, got {max_attention_cells!r}.")
     if n_epochs is None:
         n_epochs = default_n_epochs(n_cells, batch_size)
     if matrix.shape[1] < MIN_GENES:
@@ -143,8 +168,10 @@ def cicl(
             f"{matrix_source(layer, use_raw)} has {matrix.shape[1]} genes; CICL needs at least {MIN_GENES}. "
             "Pass the full gene matrix (e.g. a layer or adata.raw), not a handful of features."
         )
-    data, genes, preprocessing = _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw)
     rng, generator = seed_everything(random_state)
+    data, genes, scaler, preprocessing = _prepare(
+        matrix, var_names, preprocess, n_top_genes, layer, use_raw, rng
+    )
     # noise and K-means seeding draw on the device itself, so a GPU run never waits on the host
     step_generator = torch.Generator(device=torch_device)
     step_generator.manual_seed(int(rng.integers(2**62)))
@@ -162,6 +189,8 @@ def cicl(
         alpha=alpha,
         kmeans_iter=kmeans_iter,
     )
+    if scaler is not None:
+        model.set_scaler(*scaler)
     history = model.fit(
         data,
         n_epochs=n_epochs,
@@ -172,7 +201,7 @@ def cicl(
         step_generator=step_generator,
         progress_bar=progress_bar,
     )
-    h = model.transform(data, torch_device)
+    h = model.transform(data, torch_device, reference_size=max_attention_cells, generator=rng)
     labels, proba, _ = model.cluster(h, n_init=kmeans_n_init, generator=step_generator)
     embedding, labels, proba = h.cpu().numpy(), labels.cpu().numpy(), proba.cpu().numpy()
     head_dim_used = model.net.layers[0].attention.head_dim if n_layers else None
@@ -206,7 +235,12 @@ def cicl(
             "smallest_batch": smallest_batch(n_cells, batch_size),
             "kmeans_iter": int(kmeans_iter),
             "kmeans_n_init": int(kmeans_n_init),
-            "inference": "whole data set as one batch (exact attention over all cells, in query chunks)",
+            "max_attention_cells": max_attention_cells,
+            "inference": (
+                "whole data set as one batch (exact attention over all cells, in query chunks)"
+                if max_attention_cells is None or n_cells <= max_attention_cells
+                else f"attention to a seeded reference sample of {max_attention_cells} cells"
+            ),
             "device": str(torch_device),
             "random_state": int(random_state),
             "scext_version": __version__,
@@ -259,56 +293,90 @@ def _check_arguments(n_clusters, n_cells, batch_size, n_top_genes, preprocess, c
 
 
 def _is_counts(matrix) -> bool:
-    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    return all(
+        _counts_like(block.data if sp.issparse(block) else np.asarray(block))
+        for _, block in row_blocks(matrix)
+    )
+
+
+def _counts_like(values: np.ndarray) -> bool:
     return bool(values.size == 0 or (values.min() >= 0 and is_integer_valued(values)))
 
 
-def _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw):
-    """The cells x genes input of the model, its genes, and a description of what was done."""
+def _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw, rng):
+    """The model input, its genes, the per-gene z-scoring (centre, scale) and a description of what was done.
+
+    Every pass over `matrix` is streamed in row blocks, so backed input is never read whole; the input kept
+    for training is the sparse log-normalised matrix of the selected genes, z-scored per minibatch.
+    """
     source = matrix_source(layer, use_raw)
+    n_cells, n_genes = matrix.shape
     if preprocess == "auto":
         preprocess = _is_counts(matrix)
     if not preprocess:
-        if matrix.shape[1] > MANY_GENES:
+        if n_genes > MANY_GENES:
             logg.warning(
-                f"{source} has {matrix.shape[1]} genes and preprocess=False: the model is as wide as the "
+                f"{source} has {n_genes} genes and preprocess=False: the model is as wide as the "
                 "input; select highly variable genes first, or pass counts with preprocess=True."
             )
-        return matrix, var_names, f"none ({source} used as given)"
-    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
-    if values.size and values.min() < 0:
+        return matrix, var_names, None, f"none ({source} used as given)"
+    if min_value(matrix) < 0:
         raise ValueError(
             f"preprocess=True needs non-negative counts, but {source} holds negative values; pass the count "
             "layer (layer='counts'), or preprocess=False for values that are already processed."
         )
-    totals = np.asarray(matrix.sum(axis=1)).ravel()
+    totals, gene_totals = np.zeros(n_cells), np.zeros(n_genes)
+    for rows, block in row_blocks(matrix):
+        totals[rows] = np.asarray(block.sum(axis=1)).ravel()
+        gene_totals += np.asarray(block.sum(axis=0)).ravel()
     if (totals <= 0).any():
         raise ValueError(
             f"{int((totals <= 0).sum())} cell(s) have no counts in {source}, so they have no size factor; "
             "remove them first with sc.pp.filter_cells(adata, min_counts=1)."
         )
-    # sec. 2.1 with Scanpy's own functions, on a copy that holds the matrix only
-    work = AnnData(
-        sp.csr_matrix(matrix, dtype=np.float32) if sp.issparse(matrix) else np.array(matrix, np.float32)
-    )
-    work.var_names = var_names.astype(str)
-    sc.pp.filter_genes(work, min_counts=1)
-    if work.n_vars < MIN_GENES:
+    expressed = np.flatnonzero(gene_totals > 0)
+    if len(expressed) < MIN_GENES:
         raise ValueError(
-            f"{source} has {work.n_vars} genes with counts; CICL needs at least {MIN_GENES}. Pass the full "
+            f"{source} has {len(expressed)} genes with counts; CICL needs at least {MIN_GENES}. Pass the full "
             "gene matrix."
         )
-    sc.pp.normalize_total(work)  # target_sum=None: divide by size factor = library size / median
-    sc.pp.log1p(work)
-    n_genes = min(n_top_genes, work.n_vars)
-    if n_genes < work.n_vars:
-        sc.pp.highly_variable_genes(work, flavor="seurat", n_top_genes=n_genes)
-        work = work[:, work.var["highly_variable"].to_numpy()].copy()
-    if sp.issparse(work.X):
-        work.X = work.X.toarray()
-    sc.pp.scale(work)
+    # sec. 2.1: divide by size factors (library size / median, as sc.pp.normalize_total), natural log1p
+    size_factors = totals / np.median(totals)
+
+    def log_normalised(rows, columns):
+        blocks = [
+            sp.csr_matrix(
+                sp.diags(1 / size_factors[chunk]) @ sp.csr_matrix(block[:, columns], dtype=np.float32)
+            )
+            for chunk, block in row_blocks(matrix, rows)
+        ]
+        out = (
+            sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(columns)), dtype=np.float32)
+        )
+        out = out.astype(np.float32)
+        np.log1p(out.data, out=out.data)
+        return out
+
+    n_selected = min(n_top_genes, len(expressed))
+    sampled = n_cells > HVG_MAX_CELLS
+    if n_selected < len(expressed):
+        # Scanpy's own HVG selection (normalised dispersion, flavour seurat), on a seeded sample of an atlas
+        rows = np.sort(rng.choice(n_cells, HVG_MAX_CELLS, replace=False)) if sampled else None
+        work = AnnData(log_normalised(rows, expressed))
+        sc.pp.highly_variable_genes(work, flavor="seurat", n_top_genes=n_selected)
+        genes = expressed[work.var["highly_variable"].to_numpy()]
+        del work
+    else:
+        genes = expressed
+    data = log_normalised(None, genes)
+    # z-score as sc.pp.scale does (unbiased variance; constant genes left at zero), applied per minibatch
+    center, var = column_mean_var(data, ddof=1)
+    scale = np.sqrt(var)
+    scale[scale == 0] = 1.0
     description = (
         f"sec. 2.1 on {source}: genes with counts, size factors (normalize_total), log1p, "
-        f"top {work.n_vars} genes by normalised dispersion (seurat), z-score"
+        f"top {len(genes)} genes by normalised dispersion (seurat"
+        + (f", on {HVG_MAX_CELLS:,} sampled cells" if sampled and len(genes) < len(expressed) else "")
+        + "), z-score"
     )
-    return np.ascontiguousarray(work.X, dtype=np.float32), work.var_names, description
+    return data, var_names[genes], (center, scale), description

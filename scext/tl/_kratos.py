@@ -53,6 +53,15 @@ def kratos(
     ``validation_size`` of the training cells are held out for early stopping. Cells whose label is missing
     are not trained on but are classified (split ``"unlabeled"``).
 
+    Distributed training: launch a script with ``torchrun --nproc-per-node=4 script.py`` (one process
+    per GPU; add ``--nnodes`` and a rendezvous endpoint for several machines). The script calls
+    ``torch.distributed.init_process_group("nccl")`` (``"gloo"`` on CPUs), reads the same data on every
+    rank (``anndata.read_h5ad(path, backed="r")`` is fine) and calls this function with the same
+    arguments; ``device="auto"`` picks ``cuda:$LOCAL_RANK``. `batch_size` stays the global minibatch:
+    each is split across the ranks and the gradients are averaged over all its rows, so the trained
+    weights and history match a one-process run to float tolerance. Inference (embedding and
+    probabilities of every cell) then runs on every rank, each writing the same results to its AnnData.
+
     Parameters
     ----------
     adata
@@ -91,7 +100,8 @@ def kratos(
         Standardise each gene with the mean and standard deviation of the training cells. The same scaler is
         used for training, prediction and every explanation method.
     device
-        ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a `torch.device`.
+        ``"auto"`` (CUDA if available, else CPU; under torchrun, this rank's GPU), ``"cpu"``, ``"cuda"``,
+        ``"cuda:1"`` or a `torch.device`.
     random_state
         Seeds the split, the initial weights and the minibatch order. Runs on the CPU are reproducible; on
         CUDA, results agree to float tolerance, not bit for bit.
@@ -126,7 +136,7 @@ def kratos(
     _check_fractions(test_size, validation_size)
     if init not in ("random", "autoencoder"):
         raise ValueError(f"init={init!r} is unknown; choose 'random' or 'autoencoder'.")
-    matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
+    matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw, backed=True)
     prior = _prior(adata, prior_graph, prior_diagonal, use_raw)
     rng, generator = seed_everything(random_state)
 

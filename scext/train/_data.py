@@ -6,9 +6,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ._distributed import shard
+
 
 def dense_rows(matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
     """Rows of a dense or CSR matrix as a float32 tensor on `device`; only these rows are densified."""
+    if len(rows) == 0:
+        # an empty distributed shard; backed (h5py) matrices reject empty selections
+        return torch.zeros((0, matrix.shape[1]), device=device)
     block = matrix[rows]
     block = block.toarray() if sp.issparse(block) else np.asarray(block)
     tensor = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
@@ -26,11 +31,15 @@ def iter_minibatches(
     shuffle: bool = False,
     generator: torch.Generator | None = None,
     extras: Sequence[torch.Tensor] = (),
+    distributed: bool = False,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield ``(x, *extras)`` minibatches over `rows` of `matrix`.
 
     `extras` are per-cell tensors indexed like the matrix (labels, weights) and already on `device`. The
-    order is drawn from `generator` so that a seeded run visits the same batches.
+    order is drawn from `generator` so that a seeded run visits the same batches. With `distributed` and
+    an initialised `torch.distributed` process group, each rank gets its contiguous shard of every global
+    minibatch of `batch_size` rows (possibly empty; see `scext.train.train_loop`); every rank must pass
+    the same `rows` and an identically seeded `generator`. Only the shard's rows are read.
     """
     rows = np.asarray(rows)
     order = torch.randperm(len(rows), generator=generator).numpy() if shuffle else np.arange(len(rows))
@@ -38,6 +47,8 @@ def iter_minibatches(
         batch_rows = rows[order[start : start + batch_size]]
         # sorted rows make CSR slicing sequential; the extras follow the same order
         batch_rows = np.sort(batch_rows)
+        if distributed:
+            batch_rows = shard(batch_rows)
         index = torch.from_numpy(batch_rows).to(device)
         yield (dense_rows(matrix, batch_rows, device), *(extra[index] for extra in extras))
 

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._settings import settings
+from ._distributed import average_gradients, broadcast_state, optimizer_parameters, reduce_epoch_sums, world
 
 StepFn = Callable[[tuple[torch.Tensor, ...]], Mapping[str, torch.Tensor]]
 
@@ -23,6 +24,7 @@ def train_loop(
     patience: int | None = None,
     progress_bar: bool | None = None,
     description: str = "training",
+    distributed: bool = False,
 ) -> dict[str, list[float]]:
     """Train `module` for up to `n_epochs` and return its history.
 
@@ -38,31 +40,50 @@ def train_loop(
     patience
         Stop when the monitored loss (``val_loss`` if `validate` is given, else ``loss``) has not improved
         for this many epochs, and restore the weights of the best epoch. ``None`` trains all epochs.
+    distributed
+        Data-parallel over the `torch.distributed` process group, if one is initialised (else ignored):
+        `batches` yields this rank's shard of each global minibatch (``iter_minibatches(distributed=True)``),
+        `step` returns means over the shard, and gradients and epoch terms are averaged over all rows of
+        all ranks, so every rank holds the same weights and history as a single process would. Shard-mean
+        losses must add up to the global mean (true of per-row losses, not of in-batch contrastive ones);
+        `validate` must return the same values on every rank. The progress bar shows on rank 0 only.
 
     Returns
     -------
     History: ``{term: [value per epoch]}``, plus ``"best_epoch"`` (0-based, one value) when early stopping.
     """
     show = settings.progress_bar if progress_bar is None else progress_bar
+    rank, world_size = world()
+    sharded = distributed and world_size > 1
+    if sharded:
+        broadcast_state(module)
+        parameters = optimizer_parameters(optimizer)
+        device = parameters[0].device
     history: dict[str, list[float]] = {}
     best_loss, best_epoch, best_state = np.inf, -1, None
-    epochs = tqdm(range(n_epochs), desc=description, disable=not show, leave=False)
+    epochs = tqdm(range(n_epochs), desc=description, disable=not show or rank != 0, leave=False)
     for epoch in epochs:
         module.train()
         # accumulate on the device: one host sync per epoch, not one per step
         sums: dict[str, torch.Tensor] = {}
         n_seen = 0
         for batch in batches():
-            terms = step(batch)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
             n = batch[0].shape[0]
-            n_seen += n
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach() * n
-        for name, total in sums.items():
-            history.setdefault(name, []).append(float(total) / max(n_seen, 1))
+            optimizer.zero_grad(set_to_none=True)
+            # an empty shard (last minibatch smaller than the world) has no mean loss, but its rank must
+            # still join the gradient all-reduce
+            if n or not sharded:
+                terms = step(batch)
+                terms["loss"].backward()
+                n_seen += n
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach() * n
+            if sharded:
+                average_gradients(parameters, n)
+            optimizer.step()
+        totals, n_total = reduce_epoch_sums(sums, n_seen, device) if sharded else (sums, n_seen)
+        for name, total in totals.items():
+            history.setdefault(name, []).append(float(total) / max(n_total, 1))
         if validate is not None:
             module.eval()
             with torch.no_grad():
