@@ -107,7 +107,7 @@ def measure_cicl(path: Path, backed: bool, device: str, slice_cells: int) -> dic
     model = Cicl(data.shape[1], N_TYPES)
     model.set_scaler(*scaler)
     start = time.perf_counter()
-    model.fit(part, n_epochs=1, device=torch_device)
+    model.fit(part, n_epochs=1, device=torch_device, progress_bar=False)
     epoch = (time.perf_counter() - start) * n_cells / len(rows)
     start = time.perf_counter()
     model.transform(part, torch_device, reference_size=slice_cells)
