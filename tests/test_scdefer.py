@@ -51,16 +51,22 @@ def test_separates_planted_clusters(trained):
     assert adjusted_rand_score(trained.obs["cell_type"], trained.obs["scdefer"]) > 0.9
 
 
-def test_every_loss_term_moves(trained):
-    history = trained.uns["scdefer"]["history"]
-    pretraining = ["pretrain_loss", "pretrain_graph", "pretrain_zinb"]
-    joint = ["loss", "graph", "zinb", "kl", "bce_d", "bce_g"]
-    assert set(history) == set(pretraining + joint)
-    for name in pretraining + joint:
+PRETRAINING_TERMS = ["pretrain_loss", "pretrain_graph", "pretrain_zinb"]
+JOINT_TERMS = ["loss", "graph", "zinb", "kl", "bce_d", "bce_g"]
+
+
+def assert_every_term_moves(history, n_epochs: int = 40):
+    assert set(history) == set(PRETRAINING_TERMS + JOINT_TERMS)
+    for name in PRETRAINING_TERMS + JOINT_TERMS:
         values = history[name]
-        assert len(values) == 40
+        assert len(values) == n_epochs
         assert np.all(np.isfinite(values))
         assert abs(values[-1] - values[0]) > 1e-3 * abs(values[0]), f"{name} did not move: {values[[0, -1]]}"
+
+
+def test_every_loss_term_moves(trained):
+    history = trained.uns["scdefer"]["history"]
+    assert_every_term_moves(history)
     # pretraining fits both the counts and the graph (the decoder of the public code was stuck)
     for name in ("pretrain_loss", "pretrain_graph", "pretrain_zinb"):
         assert history[name][-1] < 0.9 * history[name][0], name
@@ -94,6 +100,8 @@ def test_slots_and_shapes(trained):
     assert params["device"] == "cpu" and params["random_state"] == 0
     assert params["scext_version"] == scext.__version__
     assert params["n_genes"] == 60 and params["init"] == "kmeans" and params["alpha"] == 0.1
+    # "auto" trains a graph this small whole
+    assert params["training"] == "full" and params["n_parts"] == 1 and params["batch_size"] == 8192
     assert trained.uns["scdefer"]["n_clusters"] == len(labels.cat.categories)
 
 
@@ -107,6 +115,46 @@ def test_same_random_state_same_output(toy):
     for name, values in first.uns["scdefer"]["history"].items():
         np.testing.assert_array_equal(values, second.uns["scdefer"]["history"][name])
     assert not np.array_equal(first.obsm["X_scdefer"], other.obsm["X_scdefer"])
+
+
+def test_one_minibatch_of_all_cells_trains_as_the_full_graph(toy):
+    full, minibatch = toy.copy(), toy.copy()
+    scext.tl.scdefer(full, 3, training="full", random_state=2, **TINY)
+    scext.tl.scdefer(minibatch, 3, training="minibatch", batch_size=toy.n_obs, random_state=2, **TINY)
+    params = minibatch.uns["scdefer"]["params"]
+    assert params["training"] == "minibatch" and params["n_parts"] == 1
+    for key in ("X_scdefer", "scdefer_proba"):
+        np.testing.assert_allclose(minibatch.obsm[key], full.obsm[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        minibatch.layers["scdefer_denoised"], full.layers["scdefer_denoised"], rtol=1e-5, atol=1e-6
+    )
+    history = full.uns["scdefer"]["history"]
+    assert set(minibatch.uns["scdefer"]["history"]) == set(history)
+    for name, values in history.items():
+        np.testing.assert_allclose(minibatch.uns["scdefer"]["history"][name], values, rtol=1e-5)
+
+
+def test_partitioned_minibatches_separate_planted_clusters(toy):
+    adata = toy.copy()
+    # 150 cells in minibatches of about 75: 8 K-means parts, 4 per batch
+    scext.tl.scdefer(adata, 3, training="minibatch", batch_size=75, **SMALL)
+    params = adata.uns["scdefer"]["params"]
+    assert params["training"] == "minibatch" and params["n_parts"] == 8 and params["batch_size"] == 75
+    assert adjusted_rand_score(adata.obs["cell_type"], adata.obs["scdefer"]) > 0.9
+    history = adata.uns["scdefer"]["history"]
+    assert_every_term_moves(history)
+    for name in PRETRAINING_TERMS:
+        assert history[name][-1] < 0.9 * history[name][0], name
+    # the random pairings of parts make the epoch means of joint training noisy; these still fall
+    for name in ("zinb", "bce_d", "bce_g"):
+        assert history[name][-1] < history[name][0], name
+    # outputs are assembled from the inference batches in cell order (the ARI above checks Q's rows):
+    # the denoised means carry each cell's size factor, so their totals follow the cells' counts
+    assert np.isfinite(adata.obsm["X_scdefer"]).all()
+    modelled = adata.var["scdefer_modelled"].to_numpy()
+    observed = np.asarray(adata.X[:, modelled].sum(axis=1)).ravel()
+    denoised = adata.layers["scdefer_denoised"][:, modelled].sum(axis=1)
+    assert np.corrcoef(observed, denoised)[0, 1] > 0.8
 
 
 def test_without_zinb_and_existing_graph(toy):
@@ -179,6 +227,8 @@ BAD_INPUTS = {
     "gammas": (lambda a: a.copy(), {"gammas": (0.3, -0.1, 0.5, 0.1)}, "gammas"),
     "layer": (lambda a: a.copy(), {"layer": "missing"}, "layer"),
     "neighbors_key": (lambda a: a.copy(), {"neighbors_key": "missing"}, "sc.pp.neighbors"),
+    "training": (lambda a: a.copy(), {"training": "sampled"}, "training"),
+    "batch_size": (lambda a: a.copy(), {"training": "minibatch", "batch_size": 0}, "batch_size"),
 }
 
 

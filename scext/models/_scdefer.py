@@ -88,10 +88,11 @@ class ScdeferNet(nn.Module):
     def encode(
         self, x: torch.Tensor, propagation: torch.Tensor, adjacency: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fused Z, fully connected Z_D and graph Z_G of every cell.
+        """Fused Z, fully connected Z_D and graph Z_G of every cell of `x`.
 
         `propagation` is the sparse ``D^-1/2 A D^-1/2`` of the TAGConv layers and `adjacency` the sparse
-        ``D^-1/2 (A + I) D^-1/2`` of the fusion step (both from `normalized_adjacency`).
+        ``D^-1/2 (A + I) D^-1/2`` of the fusion step (both from `normalized_adjacency`), over the cells of
+        `x`: the whole graph or a minibatch's subgraph, within which the global attention then runs.
         """
         fused = x
         last = len(self.dense) - 1

@@ -30,7 +30,12 @@ from ..models._scdefer import (
     target_distribution,
     zinb_nll,
 )
-from ..train import train_loop
+from ..train import dense_rows, train_loop
+from ..train._graph_batches import graph_partition, graph_training_mode, induced_edges, partition_batches
+
+# parts joined per minibatch (Cluster-GCN's stochastic multiple partitions): their edges are restored in
+# the batch, and the random choice of partners varies the batches from epoch to epoch
+PARTS_PER_BATCH = 4
 
 
 def scdefer(
@@ -55,6 +60,8 @@ def scdefer(
     lr: float = 1e-4,
     update_interval: int = 5,
     init: str = "kmeans",
+    training: str = "auto",
+    batch_size: int = 8192,
     device: str | torch.device = "auto",
     random_state: int = 0,
     progress_bar: bool | None = None,
@@ -69,8 +76,20 @@ def scdefer(
     and decodes Z into the parameters of a zero-inflated negative binomial (eq. 7-15). It is pretrained on
     the ZINB likelihood of the counts and on the reconstruction of the graph by ``sigmoid(Z Z^T)``; then
     K-means centres on Z start a joint training (eq. 21) that adds KL(P || Q) on Z and the cross-entropy of
-    Q^D, Q^G on Z_D, Z_G against their sharpened targets (eq. 16-20). Clusters are the argmax of Q. Training
-    is full-graph (one step per epoch); no label is ever read.
+    Q^D, Q^G on Z_D, Z_G against their sharpened targets (eq. 16-20). Clusters are the argmax of Q. No
+    label is ever read.
+
+    Training is full-graph (one step per epoch) while the graph fits, with the cells x modelled genes
+    matrices (scaled input, counts) dense on the device. Beyond that (see `training`) it takes Cluster-GCN
+    minibatches: K-means cuts the cells, in the log-normalised space of the modelled genes that the graph
+    is built on, into parts of about ``batch_size / 4`` cells, and each step trains on 4 random parts
+    joined, with the edges among them renormalised. This approximates the full graph: edges to cells
+    outside the batch (the few between parts not drawn together) are dropped for that step, and the
+    global attention of the fusion and the random pairs of the graph loss stay within the batch. The
+    targets P are refreshed from Q of all cells (an inference pass); initial centres and outputs come
+    from passes over the parts, 4 at a time in a fixed order. The device then holds the model and one
+    batch (about ``batch_size`` x genes inputs and activations, an attention of batch_size^2 at worst)
+    besides the edge list; the host holds the scaled input densely and the counts sparse if given sparse.
 
     Deviations from the paper, with reasons: the joint-training learning rate is `lr` (1e-4), not 1e-7,
     at which the loss terms barely move in 250 full-graph steps (its public code uses 1e-8); pretraining
@@ -78,7 +97,6 @@ def scdefer(
     250 steps at 5e-5. The graph loss (eq. 9) is the squared error on the edges and as many random pairs,
     not on the N x N matrix. Latent layers are linear; the decoder's last hidden layer (1024) feeds the
     ZINB heads directly. The Z_D / Z_G fusion follows DFCN, which the paper cites without equations.
-    Training holds the cells x modelled genes matrices (scaled input, counts) densely on the device.
 
     Parameters
     ----------
@@ -115,7 +133,8 @@ def scdefer(
         Weights of the graph, ZINB, KL and cross-entropy terms (eq. 21; the paper's 0.3, 0.1, 0.5, 0.1). The
         first two also weigh pretraining.
     n_pretrain_epochs, n_epochs
-        Full-graph Adam steps of pretraining and of joint training (the paper's 250 each).
+        Epochs of pretraining and of joint training (the paper's 250 each): one Adam step on the full
+        graph, or one per minibatch.
     pretrain_lr, lr
         Learning rates of the two stages.
     update_interval
@@ -124,6 +143,11 @@ def scdefer(
         How the K centres start on the pretrained Z (the paper's "K-means (or spectral)"): ``"kmeans"``
         (10 k-means++ seedings, lowest inertia) or ``"spectral"`` (scikit-learn's spectral clustering on a
         10-NN affinity of Z; centres are its clusters' means). Ignored when `n_clusters` is None.
+    training
+        ``"full"`` graph, Cluster-GCN ``"minibatch"``, or ``"auto"``: full up to 50,000 cells.
+    batch_size
+        Cells per minibatch, approximately (parts vary in size). At least the number of cells gives one
+        batch of all cells, which trains exactly as ``"full"`` does.
     device, random_state, progress_bar
         As everywhere in scext. On the CPU the same `random_state` gives the same numbers; on CUDA the
         scatter operations of the graph layers are not bit-reproducible.
@@ -147,7 +171,8 @@ def scdefer(
     ``var["<key_added>_modelled"]``
         Whether a gene was modelled (a highly variable gene).
     ``uns[key_added]``
-        ``params`` (every argument, resolved device, scext version, n_genes, n_edges, init method),
+        ``params`` (every argument, resolved device and training mode, scext version, n_genes, n_edges,
+        n_parts, init method),
         ``history`` (per epoch: ``pretrain_loss``, ``pretrain_graph``, ``pretrain_zinb``, then ``loss``,
         ``graph``, ``zinb``, ``kl``, ``bce_d``, ``bce_g`` of joint training), ``n_clusters``, ``beta`` (the
         learned weight of the global fusion term).
@@ -167,10 +192,13 @@ def scdefer(
         hops,
         init,
     )
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
     source = matrix_source(layer, use_raw)
-    _check_counts(matrix, source, allow_noninteger)
     n_cells, n_genes = matrix.shape
+    mode = graph_training_mode(training, n_cells)
+    _check_counts(matrix, source, allow_noninteger)
     if n_clusters is not None and n_clusters >= n_cells:
         raise ValueError(f"n_clusters={n_clusters} must be below the number of cells ({n_cells}).")
     if neighbors_key is None and not 1 <= n_neighbors < n_cells:
@@ -205,16 +233,31 @@ def scdefer(
         graph_source = f"{n_neighbors}-NN graph of the log-normalised modelled genes"
     else:
         graph_source = f"sc.pp.neighbors graph {neighbors_key!r}"
+    n_parts, parts_per_batch, parts = 1, 1, None
+    if mode == "minibatch":
+        n_parts, parts_per_batch = _partition_plan(n_cells, batch_size)
+        parts = graph_partition(log_expression, n_parts, random_state=random_state)
     features = sc.pp.scale(log_expression, max_value=10, copy=True)
-    counts = dense_columns(matrix, genes)
+    del log_expression
+    if mode == "full" or not sp.issparse(matrix):
+        counts = dense_columns(matrix, genes)
+    else:  # densified a minibatch at a time
+        counts = sp.csr_matrix(matrix[:, genes], dtype=np.float32)
 
-    seed_everything(random_state)
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(torch_device)
-    y = torch.from_numpy(counts).to(torch_device)
-    sf = torch.from_numpy(size_factors).to(torch_device)
-    edges = edge_index(cell_graph, torch_device)
-    propagation = normalized_adjacency(edges, n_cells, self_loops=False)
-    adjacency = normalized_adjacency(edges, n_cells, self_loops=True)
+    # the minibatch order has its own generator: the global stream (weights, random pairs) then draws the
+    # same numbers in both modes, and one batch of all cells reproduces full-graph training
+    _, order_generator = seed_everything(random_state)
+    cells = _CellGraph(
+        features,
+        counts if zinb else None,
+        size_factors,
+        edge_index(cell_graph, torch_device),
+        torch_device,
+        parts=parts,
+        parts_per_batch=parts_per_batch,
+        generator=order_generator,
+    )
+    del features, counts
     net = ScdeferNet(
         len(genes),
         hidden_sizes=hidden_sizes,
@@ -226,7 +269,8 @@ def scdefer(
     ).to(torch_device)
     g_graph, g_zinb, g_kl, g_bce = gammas
 
-    def reconstruction(z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def reconstruction(z: torch.Tensor, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        _, y, sf, (edges, _, _), _ = batch
         terms = {"graph": graph_reconstruction_loss(z, edges)}
         loss = g_graph * terms["graph"]
         if zinb:
@@ -234,8 +278,12 @@ def scdefer(
             loss = loss + g_zinb * terms["zinb"]
         return loss, terms
 
-    def pretrain_step(_batch):
-        loss, terms = reconstruction(net.encode(x, propagation, adjacency)[0])
+    def encode(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, _, _, (_, propagation, adjacency), _ = batch
+        return net.encode(x, propagation, adjacency)
+
+    def pretrain_step(batch):
+        loss, terms = reconstruction(encode(batch)[0], batch)
         return {"loss": loss, **terms}
 
     history = {}
@@ -244,7 +292,7 @@ def scdefer(
             net,
             torch.optim.Adam(net.parameters(), lr=pretrain_lr),
             step=pretrain_step,
-            batches=lambda: [(x,)],
+            batches=cells.training_batches,
             n_epochs=n_pretrain_epochs,
             progress_bar=progress_bar,
             description="scDEFER pretraining",
@@ -252,8 +300,7 @@ def scdefer(
         history.update({f"pretrain_{name}": values for name, values in pretrained.items()})
         _check_finite_history(pretrained, "pretraining", "pretrain_lr", pretrain_lr)
 
-    with torch.no_grad():
-        z = net.encode(x, propagation, adjacency)[0]
+    (z,) = cells.map(lambda batch: encode(batch)[:1], torch_device)
     if n_clusters is None:
         init = "leiden"
         centers = _cluster_means(z, _leiden_codes(z, random_state))
@@ -269,27 +316,41 @@ def scdefer(
         generator.manual_seed(int(random_state))
         centers, _ = kmeans(z, int(n_clusters), n_init=10, generator=generator)
         net.set_centers(centers)
+    del z
 
     targets: dict[str, object] = {"epoch": 0}
 
-    def joint_step(_batch):
-        z, z_d, z_g = net.encode(x, propagation, adjacency)
+    def joint_step(batch):
+        z, z_d, z_g = encode(batch)
         q, q_d, q_g = soft_assignments(net, z, z_d, z_g)
-        if targets["epoch"] % update_interval == 0:
-            targets["p"] = tuple(target_distribution(t.detach()) for t in (q, q_d, q_g))
-        targets["epoch"] += 1
-        p, p_d, p_g = targets["p"]
-        loss, terms = reconstruction(z)
+        index = batch[-1]
+        if index is None:  # the whole graph: this step's Q is every cell's, no extra pass needed
+            if targets["epoch"] % update_interval == 0:
+                targets["p"] = tuple(target_distribution(t.detach()) for t in (q, q_d, q_g))
+            targets["epoch"] += 1
+            p, p_d, p_g = targets["p"]
+        else:
+            p, p_d, p_g = (t[index] for t in targets["p"])
+        loss, terms = reconstruction(z, batch)
         terms.update(kl=kl_target(q, p), bce_d=soft_bce(q_d, p_d), bce_g=soft_bce(q_g, p_g))
         loss = loss + g_kl * terms["kl"] + g_bce * (terms["bce_d"] + terms["bce_g"])
         return {"loss": loss, **terms}
+
+    def joint_batches():
+        if mode == "minibatch":
+            # P divides by the soft cluster frequencies, which only Q of all cells gives
+            if targets["epoch"] % update_interval == 0:
+                q = cells.map(lambda batch: soft_assignments(net, *encode(batch)), torch_device)
+                targets["p"] = tuple(target_distribution(t) for t in q)
+            targets["epoch"] += 1
+        return cells.training_batches()
 
     if n_epochs:
         joint = train_loop(
             net,
             torch.optim.Adam(net.parameters(), lr=lr),
             step=joint_step,
-            batches=lambda: [(x,)],
+            batches=joint_batches,
             n_epochs=n_epochs,
             progress_bar=progress_bar,
             description="scDEFER",
@@ -297,14 +358,16 @@ def scdefer(
         history.update(joint)
         _check_finite_history(joint, "joint training", "lr", lr)
 
-    with torch.inference_mode():
-        z, z_d, z_g = net.encode(x, propagation, adjacency)
+    def outputs(batch):
+        z, z_d, z_g = encode(batch)
         q = soft_assignments(net, z, z_d, z_g)[0]
-        embedding = z.cpu().numpy()
-        proba = q.cpu().numpy()
-        codes = q.argmax(dim=1).cpu().numpy()
-        denoised = net.decode(z, sf)[1].cpu().numpy() if zinb else None
-        beta = float(net.beta)
+        return (z, q, net.decode(z, batch[2])[1]) if zinb else (z, q)
+
+    results = [value.numpy() for value in cells.map(outputs, torch.device("cpu"))]
+    embedding, proba = results[:2]
+    denoised = results[2] if zinb else None
+    codes = proba.argmax(axis=1)
+    beta = float(net.beta.detach())
     labels = pd.Categorical.from_codes(codes, categories=[str(k) for k in range(n_clusters)])
     labels = labels.remove_unused_categories()
     modelled_names = var_names[genes]
@@ -348,6 +411,9 @@ def scdefer(
             "pretrain_lr": float(pretrain_lr),
             "lr": float(lr),
             "update_interval": int(update_interval),
+            "training": mode,
+            "batch_size": int(batch_size),
+            "n_parts": int(n_parts),
             "device": str(torch_device),
             "random_state": int(random_state),
             "scext_version": __version__,
@@ -367,6 +433,81 @@ def scdefer(
         ),
     )
     return adata if copy else None
+
+
+class _CellGraph:
+    """The model's inputs for the whole cell graph, or for Cluster-GCN minibatches of its parts.
+
+    A batch is ``(x, counts, size_factors, (edges, propagation, adjacency), index)``: the rows of its cells
+    on the device, the edges among them (renumbered) with their normalised adjacencies, and the cells'
+    positions in the graph (``None`` for the whole graph). Without `parts` the whole graph moves to the
+    device once; with `parts` the cells x genes inputs stay on the host and move a batch at a time.
+    """
+
+    def __init__(self, features, counts, size_factors, edges, device, *, parts, parts_per_batch, generator):
+        self.features, self.counts, self.edges, self.device = features, counts, edges, device
+        self.size_factors = torch.from_numpy(size_factors).to(device)
+        self.n_cells = len(size_factors)
+        self.parts, self.parts_per_batch, self.generator = parts, parts_per_batch, generator
+        self.whole = None
+        if parts is None:
+            x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
+            y = None if counts is None else torch.from_numpy(counts).to(device)
+            self.whole = (x, y, self.size_factors, self._graph(edges, self.n_cells), None)
+            self.features = self.counts = None
+
+    def training_batches(self):
+        """One epoch: the whole graph, or `parts_per_batch` random parts at a time (every part once)."""
+        if self.whole is not None:
+            return [self.whole]
+        batches = partition_batches(self.parts, self.parts_per_batch, generator=self.generator)
+        return (self._batch(cells, counts=True) for cells in batches)
+
+    @torch.no_grad()
+    def map(self, function, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """`function` of every batch (tensors with a row per batch cell), as tensors in cell order.
+
+        Minibatches are the parts `parts_per_batch` at a time in a fixed order, every cell once.
+        """
+        if self.whole is not None:
+            return tuple(value.to(device) for value in function(self.whole))
+        outputs = None
+        for cells in partition_batches(self.parts, self.parts_per_batch, shuffle=False):
+            batch = self._batch(cells, counts=False)
+            values = function(batch)
+            if outputs is None:
+                outputs = [
+                    torch.empty((self.n_cells, *value.shape[1:]), dtype=value.dtype, device=device)
+                    for value in values
+                ]
+            rows = batch[-1].to(device)
+            for output, value in zip(outputs, values, strict=True):
+                output[rows] = value.to(device)
+        return tuple(outputs)
+
+    @staticmethod
+    def _graph(edges: torch.Tensor, n_cells: int):
+        """Edges with the TAGConv propagation ``D^-1/2 A D^-1/2`` and the fusion's ``D^-1/2 (A + I) D^-1/2``."""
+        return (
+            edges,
+            normalized_adjacency(edges, n_cells, self_loops=False),
+            normalized_adjacency(edges, n_cells, self_loops=True),
+        )
+
+    def _batch(self, cells: np.ndarray, *, counts: bool):
+        index = torch.from_numpy(cells).to(self.device)
+        edges = induced_edges(self.edges, cells, self.n_cells)
+        y = dense_rows(self.counts, cells, self.device) if counts and self.counts is not None else None
+        x = dense_rows(self.features, cells, self.device)
+        return (x, y, self.size_factors[index], self._graph(edges, len(cells)), index)
+
+
+def _partition_plan(n_cells: int, batch_size: int) -> tuple[int, int]:
+    """(parts, parts per batch) for minibatches of about `batch_size` cells; one part if all cells fit."""
+    n_batches = -(-n_cells // batch_size)
+    if n_batches == 1:
+        return 1, 1
+    return min(n_cells, n_batches * PARTS_PER_BATCH), PARTS_PER_BATCH
 
 
 def _is_int(value) -> bool:
