@@ -60,6 +60,8 @@ def test_slots(trained):
     assert trained.var["cellvgae_feature"].all()
     params = trained.uns["cellvgae"]["params"]
     assert params["conv"] == "gat" and params["device"] == "cpu"
+    assert params["training"] == "full" and params["batch_size"] == 8192  # "auto" on 240 cells
+    assert params["n_parts"] == 1
     markers = trained.uns["cellvgae"]["marker_genes"]
     assert set(markers.columns) >= {"cluster", "gene", "appearances"}
     # each cluster's top genes include its planted markers
@@ -71,7 +73,7 @@ def test_slots(trained):
         assert planted & top, f"cluster {cluster}: no planted marker of {planted_type} in {top}"
 
 
-def test_attention_is_softmax_over_incoming_edges(toy, trained):
+def assert_attention_is_softmax_over_incoming_edges(toy, trained):
     attention = trained.obsp["cellvgae_attention"]
     graph = knn_graph(toy.X.toarray(), 5)
     # one coefficient per graph edge plus the self-loop GAT adds to every cell
@@ -87,6 +89,61 @@ def test_attention_is_softmax_over_incoming_edges(toy, trained):
         )
         np.testing.assert_allclose(np.asarray(matrix.sum(axis=1)).ravel(), 1.0, atol=1e-5)
     np.testing.assert_allclose(per_head.mean(axis=1), attention.data, atol=1e-6)
+
+
+def test_attention_is_softmax_over_incoming_edges(toy, trained):
+    assert_attention_is_softmax_over_incoming_edges(toy, trained)
+
+
+def test_minibatch_of_every_cell_equals_full_graph(toy):
+    """One batch of all cells draws the same random numbers as the full-graph step, so training agrees."""
+    runs = []
+    for training in ("full", "minibatch"):
+        adata = toy.copy()
+        scext.tl.cellvgae(
+            adata,
+            training=training,
+            batch_size=toy.n_obs,
+            regularizer="mmd",
+            feature_decoder=True,
+            cluster_method="leiden",
+            **{**SMALL, "n_epochs": 20},
+        )
+        assert adata.uns["cellvgae"]["params"]["training"] == training
+        runs.append(adata)
+    full, minibatch = (run.uns["cellvgae"]["history"] for run in runs)
+    assert set(full) == set(minibatch) == {"loss", "reconstruction", "mmd", "feature_mse"}
+    for term in full:
+        np.testing.assert_allclose(minibatch[term], full[term], rtol=1e-5, err_msg=term)
+    np.testing.assert_allclose(runs[1].obsm["X_cellvgae"], runs[0].obsm["X_cellvgae"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        runs[1].obsp["cellvgae_attention"].toarray(), runs[0].obsp["cellvgae_attention"].toarray(), atol=1e-5
+    )
+
+
+def test_minibatch_training_separates_planted_communities(toy):
+    adata = toy.copy()
+    # 12 parts of about 20 cells, 4 per batch: 3 steps per epoch, so 30 epochs take about as many
+    # optimiser steps as the full path's 100
+    scext.tl.cellvgae(
+        adata,
+        training="minibatch",
+        batch_size=80,
+        feature_decoder=True,
+        attention_heads=True,
+        cluster_method="leiden",
+        **{**SMALL, "n_epochs": 30},
+    )
+    assert adata.uns["cellvgae"]["params"]["training"] == "minibatch"
+    assert adata.uns["cellvgae"]["params"]["n_parts"] == 12
+    embedded = KMeans(3, n_init=10, random_state=0).fit_predict(adata.obsm["X_cellvgae"])
+    assert adjusted_rand_score(adata.obs["cell_type"], embedded) > 0.9
+    history = adata.uns["cellvgae"]["history"]
+    assert history["loss"][-5:].mean() < history["loss"][:5].mean()
+    for term in ("reconstruction", "kl", "feature_mse"):
+        values = history[term]
+        assert abs(values[-1] - values[0]) > 1e-3 * max(abs(values[0]), 1e-3), term
+    assert_attention_is_softmax_over_incoming_edges(toy, adata)
 
 
 @pytest.mark.parametrize(
@@ -179,6 +236,8 @@ def test_h5ad_round_trip_and_plots(trained, tmp_path):
         (None, {"conv": "sage"}, ValueError, "conv"),
         (None, {"attention_layer": 4}, ValueError, "attention_layer"),
         (None, {"n_top_genes": 1000}, ValueError, "n_top_genes"),
+        (None, {"training": "partial"}, ValueError, "training"),
+        (None, {"batch_size": 0}, ValueError, "batch_size"),
     ],
 )
 def test_bad_input_leaves_adata_untouched(toy, change, arguments, error, message):

@@ -28,6 +28,13 @@ from ..models._cellvgae import (
     loss_terms,
 )
 from ..train import train_loop
+from ..train._graph_batches import (
+    graph_partition,
+    graph_training_mode,
+    induced_edges,
+    partition_batches,
+    partition_plan,
+)
 
 GRAPHS = ("knn", "pknn")
 CLUSTER_METHODS = ("hdbscan", "leiden")
@@ -54,6 +61,8 @@ def cellvgae(
     feature_decoder: bool = False,
     n_epochs: int = 200,
     lr: float = 1e-4,
+    training: str = "auto",
+    batch_size: int = 8192,
     cluster_method: str = "hdbscan",
     min_cluster_size: int | None = None,
     resolution: float = 1.0,
@@ -73,7 +82,8 @@ def cellvgae(
     graph's edges with an inner-product decoder against as many random pairs (eq. 10), regularised by a KL
     or MMD term (eq. 9). The embedding is ``mu``. Clusters are HDBSCAN's on a UMAP of ``mu`` (the paper's
     procedure; cells it leaves unassigned are labelled ``"noise"``), or Leiden's on a kNN graph of ``mu``.
-    Training is full-graph (one step per epoch), as in the paper; no label is read.
+    Training is full-graph (one step per epoch), as in the paper, up to 50,000 cells, and on Cluster-GCN
+    minibatches of graph parts beyond (see `training`); no label is read.
 
     Parameters
     ----------
@@ -110,7 +120,17 @@ def cellvgae(
     feature_decoder
         Add a dense decoder that reconstructs the features from z with an MSE loss (eq. 11).
     n_epochs, lr
-        Adam full-graph training; the paper's 200 epochs (sec. 3.7) and 1e-4.
+        Adam epochs and learning rate; the paper's 200 epochs (sec. 3.7) and 1e-4.
+    training, batch_size
+        ``"full"``: one step per epoch on the whole graph (the paper). ``"minibatch"``: Cluster-GCN training;
+        K-means on the node features cuts the cells into parts of about ``batch_size / 4`` cells, and each
+        step trains on 4 random parts joined with the edges among them (every part once per epoch), so
+        memory follows `batch_size`, not the number of cells. It approximates the full graph: edges between
+        parts not drawn together are left out of that step, and attention normalises over the edges kept.
+        Negatives are drawn within the batch; the regulariser keeps its weight per cell. Inference (the
+        embedding and the attention written) always runs once on the whole graph, without autograd, and is
+        exact. With `batch_size` at least the number of cells both modes compute the same. ``"auto"``
+        trains full-graph up to 50,000 cells.
     cluster_method
         ``"hdbscan"`` (scikit-learn's, on a 2-D UMAP of mu with umap-learn's clustering settings,
         ``n_neighbors=30, min_dist=0``) or ``"leiden"`` (on a 15-nearest-neighbour graph of mu, at
@@ -155,6 +175,8 @@ def cellvgae(
     torch_device = resolve_device(device)
     custom_graph = not isinstance(graph, str)
     _check_choices(conv, regularizer, "knn" if custom_graph else graph, cluster_method)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1.")
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
     n_cells = matrix.shape[0]
     if custom_graph and neighbors_key is not None:
@@ -169,6 +191,7 @@ def cellvgae(
             f"n_neighbors={n_neighbors} needs at least {n_neighbors + 1} cells; adata has {n_cells}. "
             "Lower n_neighbors."
         )
+    mode = graph_training_mode(training, n_cells)
     n_graph_layers = len(hidden_sizes) + 1
     if conv != "gcn" and not 1 <= attention_layer <= n_graph_layers:
         raise ValueError(
@@ -207,11 +230,19 @@ def cellvgae(
             random_state=random_state,
         )
     _warn_if_counts(matrix)
-    seed_everything(random_state)
+    # the minibatch order has its own generator: the global stream (weights, random pairs) then draws the
+    # same numbers in both modes, and one batch of all cells reproduces full-graph training
+    _, order_generator = seed_everything(random_state)
 
     from sklearn.preprocessing import minmax_scale
 
-    x = torch.from_numpy(minmax_scale(dense_columns(matrix, features)).astype(np.float32)).to(torch_device)
+    node_features = minmax_scale(dense_columns(matrix, features)).astype(np.float32)
+    parts = parts_per_batch = None
+    if mode == "minibatch":
+        n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
+        parts = graph_partition(node_features, n_parts, random_state=random_state)
+    x = torch.from_numpy(node_features).to(torch_device)
+    del node_features
     edges = edge_index(cell_graph, torch_device)
     net = CellVGAENet(
         x.shape[1],
@@ -225,17 +256,28 @@ def cellvgae(
         default_regularizer_weight(regularizer, n_cells) if regularizer_weight is None else regularizer_weight
     )
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+
+    def batches():
+        if mode == "full":
+            yield x, edges
+            return
+        for cells in partition_batches(parts, parts_per_batch, generator=order_generator):
+            index = torch.from_numpy(cells).to(torch_device)
+            yield x[index], induced_edges(edges, cells, n_cells)
+
     history = train_loop(
         net,
         optimizer,
         step=lambda batch: loss_terms(
-            net, batch[0], edges, regularizer=regularizer, regularizer_weight=weight
+            net, batch[0], batch[1], regularizer=regularizer, regularizer_weight=weight
         ),
-        batches=lambda: [(x,)],
+        batches=batches,
         n_epochs=n_epochs,
         progress_bar=progress_bar,
         description="CellVGAE",
     )
+    # inference is always on the whole graph, hence exact: without autograd it needs a fraction of
+    # training's memory
     with torch.inference_mode():
         mu, _ = net.encode(x, edges)
         loadings = net.gene_loadings()[0].cpu().numpy()
@@ -285,6 +327,9 @@ def cellvgae(
             "feature_decoder": bool(feature_decoder),
             "n_epochs": int(n_epochs),
             "lr": float(lr),
+            "training": mode,
+            "batch_size": int(batch_size),
+            "n_parts": int(len(np.unique(parts))) if parts is not None else 1,
             "cluster_method": cluster_method,
             "min_cluster_size": _min_cluster_size(min_cluster_size, n_cells)
             if cluster_method == "hdbscan"

@@ -31,11 +31,13 @@ from ..models._scdefer import (
     zinb_nll,
 )
 from ..train import dense_rows, train_loop
-from ..train._graph_batches import graph_partition, graph_training_mode, induced_edges, partition_batches
-
-# parts joined per minibatch (Cluster-GCN's stochastic multiple partitions): their edges are restored in
-# the batch, and the random choice of partners varies the batches from epoch to epoch
-PARTS_PER_BATCH = 4
+from ..train._graph_batches import (
+    graph_partition,
+    graph_training_mode,
+    induced_edges,
+    partition_batches,
+    partition_plan,
+)
 
 
 def scdefer(
@@ -235,7 +237,7 @@ def scdefer(
         graph_source = f"sc.pp.neighbors graph {neighbors_key!r}"
     n_parts, parts_per_batch, parts = 1, 1, None
     if mode == "minibatch":
-        n_parts, parts_per_batch = _partition_plan(n_cells, batch_size)
+        n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
         parts = graph_partition(log_expression, n_parts, random_state=random_state)
     features = sc.pp.scale(log_expression, max_value=10, copy=True)
     del log_expression
@@ -500,14 +502,6 @@ class _CellGraph:
         y = dense_rows(self.counts, cells, self.device) if counts and self.counts is not None else None
         x = dense_rows(self.features, cells, self.device)
         return (x, y, self.size_factors[index], self._graph(edges, len(cells)), index)
-
-
-def _partition_plan(n_cells: int, batch_size: int) -> tuple[int, int]:
-    """(parts, parts per batch) for minibatches of about `batch_size` cells; one part if all cells fit."""
-    n_batches = -(-n_cells // batch_size)
-    if n_batches == 1:
-        return 1, 1
-    return min(n_cells, n_batches * PARTS_PER_BATCH), PARTS_PER_BATCH
 
 
 def _is_int(value) -> bool:

@@ -20,6 +20,9 @@ import torch
 PARTITION_SAMPLE = 50_000
 # beyond this many cells (or when forced) graph tools train on minibatches of parts
 MAX_FULL_GRAPH_CELLS = 50_000
+# parts joined per minibatch (Cluster-GCN's stochastic multiple partitions): their edges are restored in
+# the batch, and the random choice of partners varies the batches from epoch to epoch
+PARTS_PER_BATCH = 4
 
 
 def graph_training_mode(training: str, n_cells: int) -> str:
@@ -29,6 +32,14 @@ def graph_training_mode(training: str, n_cells: int) -> str:
     if training == "auto":
         return "full" if n_cells <= MAX_FULL_GRAPH_CELLS else "minibatch"
     return training
+
+
+def partition_plan(n_cells: int, batch_size: int) -> tuple[int, int]:
+    """(parts, parts per batch) for minibatches of about `batch_size` cells; one part if all cells fit."""
+    n_batches = -(-n_cells // batch_size)
+    if n_batches == 1:
+        return 1, 1
+    return min(n_cells, n_batches * PARTS_PER_BATCH), PARTS_PER_BATCH
 
 
 def graph_partition(
