@@ -65,7 +65,9 @@ def kratos(
     Parameters
     ----------
     adata
-        Cells x genes; any preprocessing (log-normalised counts are typical).
+        Cells x genes; any preprocessing (log-normalised counts are typical). May be backed
+        (``anndata.read_h5ad(path, backed="r")``): ``X`` is then streamed from disk in row blocks and
+        minibatches, never loaded whole.
     groupby
         Column of ``adata.obs`` with the cell-type labels to learn.
     layer, use_raw
