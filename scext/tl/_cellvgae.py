@@ -236,7 +236,8 @@ def cellvgae(
 
     from sklearn.preprocessing import minmax_scale
 
-    node_features = minmax_scale(dense_columns(matrix, features)).astype(np.float32)
+    # in place on the float32 copy: no second cells x features array
+    node_features = minmax_scale(dense_columns(matrix, features), copy=False)
     parts = parts_per_batch = None
     if mode == "minibatch":
         n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
