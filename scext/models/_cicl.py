@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..train import dense_rows, iter_minibatches, train_loop
+from ..train import iter_minibatches, train_loop
 from ._kmeans import kmeans, student_t
 
 CPU = torch.device("cpu")
@@ -307,27 +307,25 @@ class Cicl:
         if reference_size is None or n_cells <= reference_size:
             if chunk_size is None:
                 chunk_size = max(64, _ATTENTION_ELEMENTS // max(1, n_cells * n_heads))
-            x = torch.cat(
-                [net.standardize(block) for block in _dense_blocks(matrix, np.arange(n_cells), device)]
+            return net.encode_in_chunks(
+                _standardized_rows(net, matrix, np.arange(n_cells), device), chunk_size
             )
-            return net.encode_in_chunks(x, chunk_size)
         generator = np.random.default_rng(0) if generator is None else generator
         reference = np.sort(generator.choice(n_cells, size=reference_size, replace=False))
         if chunk_size is None:
             chunk_size = max(64, _ATTENTION_ELEMENTS // max(1, reference_size * n_heads))
-        hidden = torch.cat([net.standardize(block) for block in _dense_blocks(matrix, reference, device)])
+        hidden = _standardized_rows(net, matrix, reference, device)
         keys_values = []
         for layer in net.layers:
             keys_values.append((layer.attention.key(hidden), layer.attention.value(hidden)))
             hidden = layer.forward_in_chunks(hidden, chunk_size)
         out = torch.empty(n_cells, matrix.shape[1], device=device)
-        rows = np.arange(n_cells)
-        for start in range(0, n_cells, chunk_size):
-            chunk = rows[start : start + chunk_size]
-            hidden = net.standardize(dense_rows(matrix, chunk, device))
+        chunks = iter_minibatches(matrix, np.arange(n_cells), chunk_size, device)
+        for start, (x,) in zip(range(0, n_cells, chunk_size), chunks, strict=True):
+            hidden = net.standardize(x)
             for layer, (keys, values) in zip(net.layers, keys_values, strict=True):
                 hidden = layer.forward_against(hidden, keys, values)
-            out[start : start + len(chunk)] = hidden
+            out[start : start + len(hidden)] = hidden
         return out
 
     @torch.inference_mode()
@@ -339,9 +337,9 @@ class Cicl:
         return labels, student_t(h, centers, self.alpha), centers
 
 
-def _dense_blocks(matrix, rows: np.ndarray, device: torch.device, block_rows: int = 4096):
-    for start in range(0, len(rows), block_rows):
-        yield dense_rows(matrix, rows[start : start + block_rows], device)
+def _standardized_rows(net: CiclNet, matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The z-scored `rows` (sorted) of `matrix` on `device`, densified 4,096 rows at a time."""
+    return torch.cat([net.standardize(x) for (x,) in iter_minibatches(matrix, rows, 4096, device)])
 
 
 def balanced_batch_size(n_cells: int, batch_size: int) -> int:

@@ -49,8 +49,12 @@ def iter_minibatches(
         batch_rows = np.sort(batch_rows)
         if distributed:
             batch_rows = shard(batch_rows)
+        x = dense_rows(matrix, batch_rows, device)
+        if not extras:  # no index to move to the device
+            yield (x,)
+            continue
         index = torch.from_numpy(batch_rows).to(device)
-        yield (dense_rows(matrix, batch_rows, device), *(extra[index] for extra in extras))
+        yield (x, *(extra[index] for extra in extras))
 
 
 @torch.inference_mode()
