@@ -11,7 +11,7 @@ from conftest import FAST, make_toy
 from sklearn.metrics import adjusted_rand_score
 
 import scext
-from scext._utils import column_mean_var, get_matrix, row_blocks
+from scext._utils import column_mean_var, get_matrix, is_backed, min_value, row_blocks, stored_values
 from scext.models import Cicl
 from scext.tl import _cicl
 
@@ -45,6 +45,8 @@ def test_row_blocks_and_column_statistics_match_in_memory():
         np.testing.assert_allclose(mean, dense[rows].mean(0), rtol=1e-6)
         np.testing.assert_allclose(var, dense[rows].var(0), rtol=1e-6, atol=1e-12)
         assert var[3] == 0
+        assert sorted(stored_values(matrix)[stored_values(matrix) != 0]) == sorted(dense[dense != 0])
+        assert min_value(matrix) == stored_values(matrix).min() and not is_backed(matrix)
         _, unbiased = column_mean_var(matrix, ddof=1)
         np.testing.assert_allclose(unbiased, dense.var(0, ddof=1), rtol=1e-6, atol=1e-12)
 
@@ -62,7 +64,8 @@ def test_get_matrix_backed_stays_on_disk_and_checks_stream(toy_file, tmp_path):
     adata, path = toy_file
     backed = ad.read_h5ad(path, backed="r")
     matrix, _ = get_matrix(backed, backed=True)
-    assert not isinstance(matrix, (np.ndarray, sp.spmatrix))
+    assert not isinstance(matrix, (np.ndarray, sp.spmatrix)) and is_backed(matrix)
+    assert min_value(matrix) == adata.X.data.min()
     assert (matrix[np.array([0, 5, 9])] != adata.X[[0, 5, 9]]).nnz == 0
     in_memory, _ = get_matrix(backed)
     assert sp.issparse(in_memory)

@@ -11,6 +11,7 @@ from ._anndata import (
     matrix_source,
     min_value,
     row_blocks,
+    stored_values,
 )
 from ._device import resolve_device
 from ._random import seed_everything
@@ -29,5 +30,6 @@ __all__ = [
     "resolve_device",
     "row_blocks",
     "seed_everything",
+    "stored_values",
     "stratified_split",
 ]

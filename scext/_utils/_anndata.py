@@ -107,13 +107,14 @@ def row_blocks(matrix, rows: np.ndarray | None = None, block_rows: int | None = 
         yield chunk, matrix[chunk]
 
 
-def _stored(block) -> np.ndarray:
-    return block.data if sp.issparse(block) else np.asarray(block)
+def stored_values(matrix) -> np.ndarray:
+    """The stored values of a dense or sparse matrix as one flat array (a view where possible)."""
+    return matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
 
 
 def min_value(matrix) -> float:
     """Smallest stored value (``inf`` for an empty matrix), streamed in row blocks."""
-    lows = [_stored(block).min() for _, block in row_blocks(matrix) if _stored(block).size]
+    lows = [stored_values(block).min() for _, block in row_blocks(matrix) if stored_values(block).size]
     return float(min(lows)) if lows else np.inf
 
 
@@ -154,7 +155,7 @@ class SelectedColumns:
 
 def check_finite(matrix, source: str) -> None:
     """Raise a ValueError naming `source` when the matrix holds NaN or inf (streamed in row blocks)."""
-    n_bad = sum(int((~np.isfinite(_stored(block))).sum()) for _, block in row_blocks(matrix))
+    n_bad = sum(int((~np.isfinite(stored_values(block))).sum()) for _, block in row_blocks(matrix))
     if n_bad:
         raise ValueError(
             f"{source} holds {n_bad} NaN or infinite value(s); impute or drop them (e.g. "
@@ -164,7 +165,7 @@ def check_finite(matrix, source: str) -> None:
 
 def is_integer_valued(matrix) -> bool:
     """Whether every stored value of a dense or sparse matrix is a whole number (counts, not normalised data)."""
-    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    values = stored_values(matrix)
     return bool(np.array_equal(values, np.round(values)))
 
 

@@ -18,6 +18,7 @@ from .._utils import (
     matrix_source,
     resolve_device,
     seed_everything,
+    stored_values,
 )
 from .._utils._graph import edge_index, knn_graph, neighbors_graph, undirected_edges
 from ..models._cellvgae import (
@@ -442,8 +443,7 @@ def _gene_selection(
 
 
 def _warn_if_counts(matrix) -> None:
-    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
-    values = values[:100_000]
+    values = stored_values(matrix)[:100_000]
     if values.size and values.max() > 30 and is_integer_valued(values):
         logg.warning(
             "the input looks like raw counts; CellVGAE expects log-normalised expression "

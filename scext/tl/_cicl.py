@@ -16,10 +16,10 @@ from .._utils import (
     get_matrix,
     is_integer_valued,
     matrix_source,
-    min_value,
     resolve_device,
     row_blocks,
     seed_everything,
+    stored_values,
 )
 from ..models import Cicl
 from ..models._cicl import smallest_batch
@@ -293,10 +293,7 @@ def _check_arguments(n_clusters, n_cells, batch_size, n_top_genes, preprocess, c
 
 
 def _is_counts(matrix) -> bool:
-    return all(
-        _counts_like(block.data if sp.issparse(block) else np.asarray(block))
-        for _, block in row_blocks(matrix)
-    )
+    return all(_counts_like(stored_values(block)) for _, block in row_blocks(matrix))
 
 
 def _counts_like(values: np.ndarray) -> bool:
@@ -320,15 +317,18 @@ def _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw, rng):
                 "input; select highly variable genes first, or pass counts with preprocess=True."
             )
         return matrix, var_names, None, f"none ({source} used as given)"
-    if min_value(matrix) < 0:
+    # one pass over the data for the sign check and both sums (a backed matrix is read from disk each pass)
+    totals, gene_totals, lowest = np.zeros(n_cells), np.zeros(n_genes), np.inf
+    for rows, block in row_blocks(matrix):
+        values = stored_values(block)
+        lowest = min(lowest, float(values.min())) if values.size else lowest
+        totals[rows] = np.asarray(block.sum(axis=1)).ravel()
+        gene_totals += np.asarray(block.sum(axis=0)).ravel()
+    if lowest < 0:
         raise ValueError(
             f"preprocess=True needs non-negative counts, but {source} holds negative values; pass the count "
             "layer (layer='counts'), or preprocess=False for values that are already processed."
         )
-    totals, gene_totals = np.zeros(n_cells), np.zeros(n_genes)
-    for rows, block in row_blocks(matrix):
-        totals[rows] = np.asarray(block.sum(axis=1)).ravel()
-        gene_totals += np.asarray(block.sum(axis=0)).ravel()
     if (totals <= 0).any():
         raise ValueError(
             f"{int((totals <= 0).sum())} cell(s) have no counts in {source}, so they have no size factor; "

@@ -17,6 +17,7 @@ from .._utils import (
     matrix_source,
     resolve_device,
     seed_everything,
+    stored_values,
 )
 from .._utils._graph import edge_index, knn_graph, neighbors_graph
 from ..models._kmeans import kmeans
@@ -544,7 +545,7 @@ def _check_arguments(
 
 def _check_counts(matrix, source: str, allow_noninteger: bool) -> None:
     """Raw counts only: the ZINB likelihood is undefined for negative and meaningless for scaled values."""
-    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    values = stored_values(matrix)
     if values.size and values.min() < 0:
         raise ValueError(
             f"{source} holds negative values; scdefer needs raw counts. Pass the raw-count layer "
