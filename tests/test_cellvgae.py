@@ -121,6 +121,38 @@ def test_minibatch_of_every_cell_equals_full_graph(toy):
     )
 
 
+@pytest.mark.parametrize("conv", ["gat", "gatv2", "gcn"])
+def test_chunked_layerwise_inference_equals_one_full_graph_pass(toy, conv):
+    """Inference over chunks of target cells and their one-hop halos is the full-graph forward pass."""
+    import torch
+
+    from scext._utils._graph import edge_index
+    from scext.models._cellvgae import CellVGAENet
+
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.asarray(toy.X.toarray(), dtype=np.float32))
+    graph = knn_graph(toy.X.toarray(), 5)
+    edges = edge_index(graph)
+    net = CellVGAENet(x.shape[1], conv=conv, hidden_sizes=(16, 8), heads=2, latent_size=4).eval()
+    with torch.no_grad():
+        whole, _ = net.encode(x, edges)
+    chunks = np.array_split(np.random.default_rng(0).permutation(toy.n_obs), 7)
+    layer = None if conv == "gcn" else 2
+    mu, attention = net.infer(lambda rows: x[rows], graph, chunks, attention_layer=layer)
+    torch.testing.assert_close(mu, whole, atol=1e-5, rtol=1e-5)
+    if conv == "gcn":
+        assert attention is None
+        return
+    _, one_pass = net.infer(lambda rows: x[rows], graph, [np.arange(toy.n_obs)], attention_layer=layer)
+
+    def dense(pair):
+        (source, target), alpha = pair[0].numpy(), pair[1].mean(dim=1).numpy()
+        return sp.csr_matrix((alpha, (target, source)), shape=(toy.n_obs, toy.n_obs)).toarray()
+
+    np.testing.assert_allclose(dense(attention), dense(one_pass), atol=1e-6)
+    np.testing.assert_allclose(dense(attention).sum(axis=1), 1.0, rtol=1e-5)
+
+
 def test_minibatch_training_separates_planted_communities(toy):
     adata = toy.copy()
     # 12 parts of about 20 cells, 4 per batch: 3 steps per epoch, so 30 epochs take about as many

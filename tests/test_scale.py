@@ -11,7 +11,16 @@ from conftest import FAST, make_toy
 from sklearn.metrics import adjusted_rand_score
 
 import scext
-from scext._utils import column_mean_var, get_matrix, is_backed, min_value, row_blocks, stored_values
+from scext._utils import (
+    ScaledColumns,
+    column_mean_var,
+    column_min_max,
+    get_matrix,
+    is_backed,
+    min_value,
+    row_blocks,
+    stored_values,
+)
 from scext.models import Cicl
 from scext.tl import _cicl
 
@@ -49,6 +58,30 @@ def test_row_blocks_and_column_statistics_match_in_memory():
         assert min_value(matrix) == stored_values(matrix).min() and not is_backed(matrix)
         _, unbiased = column_mean_var(matrix, ddof=1)
         np.testing.assert_allclose(unbiased, dense.var(0, ddof=1), rtol=1e-6, atol=1e-12)
+
+
+def test_scaled_columns_match_scanpy_scale_and_minmax_without_densifying_the_input():
+    import scanpy as sc
+    from sklearn.preprocessing import minmax_scale
+
+    rng = np.random.default_rng(1)
+    dense = (rng.poisson(0.3, size=(120, 9)) * rng.uniform(0.5, 40, size=9)).astype(np.float32)
+    dense[:, 4] = 0.0  # a constant gene stays at 0 under both scalings
+    dense[:, 5] += 1.0  # no zero in this column: its minimum is 1, not the sparse matrix's implicit 0
+    rows = np.array([7, 3, 100, 55])  # unsorted, as a graph halo reads them
+    for matrix in (dense, sp.csr_matrix(dense)):
+        low, high = column_min_max(matrix)
+        np.testing.assert_array_equal(low, dense.min(0))
+        np.testing.assert_array_equal(high, dense.max(0))
+        minmax = ScaledColumns(matrix, low, high - low)
+        np.testing.assert_allclose(minmax[rows], minmax_scale(dense)[rows], rtol=1e-5, atol=1e-6)
+        mean, var = column_mean_var(matrix, ddof=1)
+        zscore = ScaledColumns(matrix, mean, np.sqrt(var), max_value=2.5)
+        np.testing.assert_allclose(
+            zscore[rows], sc.pp.scale(dense, max_value=2.5, copy=True)[rows], rtol=1e-5, atol=1e-5
+        )
+        assert zscore[rows].dtype == np.float32 and zscore.shape == dense.shape
+    assert dense[:, 4].max() == 0 and dense.min() >= 0  # the input was not modified in place
 
 
 @pytest.fixture

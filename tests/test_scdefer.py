@@ -107,10 +107,14 @@ def test_slots_and_shapes(trained):
 
 def test_same_random_state_same_output(toy):
     first, second, other = toy.copy(), toy.copy(), toy.copy()
-    for adata, seed in ((first, 3), (second, 3), (other, 4)):
-        scext.tl.scdefer(adata, 3, random_state=seed, **TINY)
+    for adata, seed, denoised in ((first, 3, True), (second, 3, False), (other, 4, True)):
+        scext.tl.scdefer(adata, 3, random_state=seed, denoised=denoised, **TINY)
     for key in ("X_scdefer", "scdefer_proba"):
         np.testing.assert_array_equal(first.obsm[key], second.obsm[key])
+    # denoised=False only skips writing the cells x genes layer
+    assert "scdefer_denoised" not in second.layers
+    second = toy.copy()
+    scext.tl.scdefer(second, 3, random_state=3, **TINY)
     np.testing.assert_array_equal(first.layers["scdefer_denoised"], second.layers["scdefer_denoised"])
     for name, values in first.uns["scdefer"]["history"].items():
         np.testing.assert_array_equal(values, second.uns["scdefer"]["history"][name])

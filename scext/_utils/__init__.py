@@ -1,9 +1,11 @@
 """Shared plumbing: device, seeds, AnnData access, input checks. Every tool uses these, none re-implements them."""
 
 from ._anndata import (
+    ScaledColumns,
     SelectedColumns,
     check_finite,
     column_mean_var,
+    column_min_max,
     dense_columns,
     get_matrix,
     is_backed,
@@ -18,9 +20,11 @@ from ._random import seed_everything
 from ._split import stratified_split
 
 __all__ = [
+    "ScaledColumns",
     "SelectedColumns",
     "check_finite",
     "column_mean_var",
+    "column_min_max",
     "dense_columns",
     "get_matrix",
     "is_backed",

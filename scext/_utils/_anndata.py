@@ -138,6 +138,51 @@ def column_mean_var(matrix, rows: np.ndarray | None = None, ddof: int = 0) -> tu
     return mean, var
 
 
+def column_min_max(matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column minimum and maximum (a sparse matrix's implicit zeros count), streamed in row blocks."""
+    from sklearn.utils.sparsefuncs import min_max_axis
+
+    low = np.full(matrix.shape[1], np.inf)
+    high = np.full(matrix.shape[1], -np.inf)
+    for _, block in row_blocks(matrix):
+        if sp.issparse(block):
+            block_low, block_high = min_max_axis(sp.csr_matrix(block), axis=0)
+        else:
+            block_low, block_high = np.min(block, axis=0), np.max(block, axis=0)
+        np.minimum(low, block_low, out=low)
+        np.maximum(high, block_high, out=high)
+    return low, high
+
+
+class ScaledColumns:
+    """Rows of `matrix` as dense float32 ``(x - center) / scale``, clipped to ``[-max_value, max_value]``.
+
+    A per-gene affine rescaling (min-max, z-score) applied a minibatch at a time, so a sparse input stays
+    sparse and only the rows read are densified. A zero `scale` counts as 1 (constant genes stay at 0).
+    Offers what the minibatch readers need (``shape``, ``[rows]``).
+    """
+
+    def __init__(self, matrix, center: np.ndarray, scale: np.ndarray, max_value: float | None = None):
+        scale = np.asarray(scale, dtype=np.float64)
+        self.matrix, self.shape, self.max_value = matrix, matrix.shape, max_value
+        self.center = np.asarray(center, dtype=np.float32)
+        self.scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        block = self.matrix[rows]
+        # a copy in float32: the caller's matrix is never modified
+        block = (
+            block.toarray().astype(np.float32, copy=False)
+            if sp.issparse(block)
+            else np.array(block, dtype=np.float32)
+        )
+        block -= self.center
+        block /= self.scale
+        if self.max_value is not None:
+            np.clip(block, -self.max_value, self.max_value, out=block)
+        return block
+
+
 class SelectedColumns:
     """Rows of `matrix` restricted to `columns`, read lazily: backed input is never loaded whole.
 

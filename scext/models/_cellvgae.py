@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,28 +101,73 @@ class CellVGAENet(nn.Module):
         hidden = F.relu(hidden)
         return self.mu(hidden, edge_index), self.log_std(hidden, edge_index).clamp(max=MAX_LOG_STD)
 
-    def attention(
-        self, x: torch.Tensor, edge_index: torch.Tensor, layer: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention coefficients of graph layer `layer` (1-based, see `graph_layers`).
+    @torch.no_grad()
+    def infer(
+        self,
+        features: Callable[[np.ndarray], torch.Tensor],
+        graph: sp.csr_matrix,
+        chunks: Iterable[np.ndarray],
+        *,
+        attention_layer: int | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """mu of every cell and, optionally, a layer's attention, computed layer by layer over target chunks.
 
-        Returns the layer's edge index (``edge_index`` plus the self-loops GAT adds; row 0 = source j, row 1 =
-        target i) and ``alpha`` (edges x heads): the weight of j's message to i, summing to 1 over each
-        target's incoming edges for every head (eq. 4).
+        Each graph layer runs for all cells before the next, one chunk of target cells at a time, on the
+        chunk's one-hop neighbourhood (`halo_edges`): exact, as one full-graph pass, while only a chunk's
+        edges x width messages exist at once. `features` returns the input rows of the given cells on the
+        device; `graph` is the symmetric cells x cells adjacency; `chunks` cover every cell once.
+
+        The attention of graph layer `attention_layer` (1-based over the hidden layers then mu) comes back
+        as its edge index (row 0 = source j, row 1 = target i, with the self-loops GAT adds) and ``alpha``
+        (edges x heads): the weight of j's message to i, summing to 1 over each target's edges (eq. 4).
         """
-        if self.conv == "gcn":
-            raise ValueError("GCN layers have no attention; train with conv='gat' or 'gatv2'.")
+        from torch_geometric.nn import GCNConv
+
+        from ..train._graph_batches import halo_edges
+
         layers = self.graph_layers
-        if not 1 <= layer <= len(layers):
-            raise ValueError(
-                f"attention layer {layer} does not exist; the encoder has {len(layers)} graph layers."
-            )
-        hidden = x
-        for index, module in enumerate(layers[: layer - 1]):
-            hidden = module(hidden if index == 0 else F.relu(hidden), edge_index)
-        hidden = hidden if layer == 1 else F.relu(hidden)
-        _, (edges, alpha) = layers[layer - 1](hidden, edge_index, return_attention_weights=True)
-        return edges, alpha
+        if attention_layer is not None:
+            if self.conv == "gcn":
+                raise ValueError("GCN layers have no attention; train with conv='gat' or 'gatv2'.")
+            if not 1 <= attention_layer <= len(layers):
+                raise ValueError(
+                    f"attention layer {attention_layer} does not exist; the encoder has {len(layers)} graph "
+                    "layers."
+                )
+        chunks = [np.asarray(chunk, dtype=np.int64) for chunk in chunks]
+        n_cells = graph.shape[0]
+        halos = [halo_edges(graph, chunk) for chunk in chunks]
+        attention = None
+        hidden = None
+        for number, layer in enumerate(layers, start=1):
+            output = None
+            kept_edges, kept_alpha = [], []
+            for chunk, (nodes, edges) in zip(chunks, halos, strict=True):
+                source = (
+                    features(nodes)
+                    if hidden is None
+                    else F.relu(hidden[torch.from_numpy(nodes).to(hidden.device)])
+                )
+                target = source[: len(chunk)]
+                edges = edges.to(source.device)
+                if isinstance(layer, GCNConv):
+                    values = _gcn_bipartite(layer, source, edges, graph, nodes, len(chunk))
+                elif number == attention_layer:
+                    values, (layer_edges, alpha) = layer(
+                        (source, target), edges, return_attention_weights=True
+                    )
+                    global_nodes = torch.from_numpy(nodes).to(layer_edges.device)
+                    kept_edges.append(global_nodes[layer_edges])
+                    kept_alpha.append(alpha)
+                else:
+                    values = layer((source, target), edges)
+                if output is None:
+                    output = torch.empty((n_cells, values.shape[1]), dtype=values.dtype, device=values.device)
+                output[torch.from_numpy(chunk).to(values.device)] = values
+            if kept_edges:
+                attention = (torch.cat(kept_edges, dim=1), torch.cat(kept_alpha))
+            hidden = output
+        return hidden, attention
 
     def gene_loadings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """P_mu and P_sigma of eq. 12: genes x latent products of the layers' linear maps.
@@ -138,6 +185,25 @@ class CellVGAENet(nn.Module):
             weight = weight.view(n_heads, -1, weight.shape[1]).mean(dim=0)  # (latent, in)
             loadings.append(weight.T if product is None else product @ weight.T)
         return loadings[0], loadings[1]
+
+
+def _gcn_bipartite(
+    layer: nn.Module, source: torch.Tensor, edges: torch.Tensor, graph: sp.csr_matrix, nodes, n_targets: int
+) -> torch.Tensor:
+    """GCNConv (``D^-1/2 (A + I) D^-1/2 X W + b`` with degrees of the whole graph) for a chunk of targets.
+
+    torch-geometric's GCNConv takes no bipartite input and would normalise by the chunk's own degrees.
+    """
+    degree = torch.from_numpy(np.diff(graph.indptr)[nodes] + 1.0).to(source.device, source.dtype)
+    inverse_root = degree.rsqrt()
+    weights = inverse_root[edges[0]] * inverse_root[edges[1]]
+    loops = torch.arange(n_targets, device=source.device)
+    edges = torch.cat([edges, loops.expand(2, -1)], dim=1)
+    weights = torch.cat([weights, inverse_root[:n_targets].pow(2)])
+    projected = layer.lin(source)
+    output = torch.zeros((n_targets, projected.shape[1]), dtype=projected.dtype, device=projected.device)
+    output.index_add_(0, edges[1], projected[edges[0]] * weights[:, None])
+    return output + layer.bias
 
 
 def _message_weight(layer: nn.Module) -> torch.Tensor:

@@ -11,7 +11,9 @@ from scanpy import logging as logg
 
 from .. import __version__
 from .._utils import (
+    ScaledColumns,
     check_finite,
+    column_min_max,
     dense_columns,
     get_matrix,
     is_integer_valued,
@@ -28,7 +30,7 @@ from ..models._cellvgae import (
     default_regularizer_weight,
     loss_terms,
 )
-from ..train import train_loop
+from ..train import dense_rows, train_loop
 from ..train._graph_batches import (
     graph_partition,
     graph_training_mode,
@@ -128,10 +130,11 @@ def cellvgae(
         step trains on 4 random parts joined with the edges among them (every part once per epoch), so
         memory follows `batch_size`, not the number of cells. It approximates the full graph: edges between
         parts not drawn together are left out of that step, and attention normalises over the edges kept.
-        Negatives are drawn within the batch; the regulariser keeps its weight per cell. Inference (the
-        embedding and the attention written) always runs once on the whole graph, without autograd, and is
-        exact. With `batch_size` at least the number of cells both modes compute the same. ``"auto"``
-        trains full-graph up to 50,000 cells.
+        Negatives are drawn within the batch; the regulariser keeps its weight per cell; node features are
+        scaled and densified a batch at a time, so a sparse input stays sparse. Inference (the embedding and
+        the attention written) is always exact on the whole graph, without autograd: layer by layer, over
+        the batches' cells with their one-hop neighbours. With `batch_size` at least the number of cells
+        both modes compute the same. ``"auto"`` trains full-graph up to 50,000 cells.
     cluster_method
         ``"hdbscan"`` (scikit-learn's, on a 2-D UMAP of mu with umap-learn's clustering settings,
         ``n_neighbors=30, min_dist=0``) or ``"leiden"`` (on a 15-nearest-neighbour graph of mu, at
@@ -235,19 +238,20 @@ def cellvgae(
     # same numbers in both modes, and one batch of all cells reproduces full-graph training
     _, order_generator = seed_everything(random_state)
 
-    from sklearn.preprocessing import minmax_scale
-
-    # in place on the float32 copy: no second cells x features array
-    node_features = minmax_scale(dense_columns(matrix, features), copy=False)
+    # min-max scaling (as the paper) is applied a minibatch of rows at a time: a sparse input stays sparse
+    selected = matrix if len(features) == matrix.shape[1] else matrix[:, features]
+    low, high = column_min_max(selected)
+    node_features = ScaledColumns(selected, low, high - low)
     parts = parts_per_batch = None
     if mode == "minibatch":
         n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
         parts = graph_partition(node_features, n_parts, random_state=random_state)
-    x = torch.from_numpy(node_features).to(torch_device)
-    del node_features
-    edges = edge_index(cell_graph, torch_device)
+        x = None
+    else:
+        x = dense_rows(node_features, np.arange(n_cells), torch_device)
+        edges = edge_index(cell_graph, torch_device)
     net = CellVGAENet(
-        x.shape[1],
+        len(features),
         conv=conv,
         hidden_sizes=hidden_sizes,
         heads=heads,
@@ -264,8 +268,10 @@ def cellvgae(
             yield x, edges
             return
         for cells in partition_batches(parts, parts_per_batch, generator=order_generator):
-            index = torch.from_numpy(cells).to(torch_device)
-            yield x[index], induced_edges(edges, cells, n_cells)
+            yield (
+                dense_rows(node_features, cells, torch_device),
+                induced_edges(cell_graph, cells).to(torch_device),
+            )
 
     history = train_loop(
         net,
@@ -278,16 +284,25 @@ def cellvgae(
         progress_bar=progress_bar,
         description="CellVGAE",
     )
-    # inference is always on the whole graph, hence exact: without autograd it needs a fraction of
-    # training's memory
-    with torch.inference_mode():
-        mu, _ = net.encode(x, edges)
-        loadings = net.gene_loadings()[0].cpu().numpy()
-        attention = None
-        if conv != "gcn":
-            attention_edges, alpha = net.attention(x, edges, attention_layer)
-            attention = (attention_edges.cpu().numpy(), alpha.cpu().numpy())
-        embedding = mu.cpu().numpy()
+    # inference is exact on the whole graph, layer by layer over chunks of cells (the training parts when
+    # minibatched), so memory follows a chunk's edges, not the graph's
+    chunks = (
+        [np.arange(n_cells)]
+        if mode == "full"
+        else list(partition_batches(parts, parts_per_batch, shuffle=False))
+    )
+    mu, attention = net.infer(
+        (lambda rows: x[torch.from_numpy(rows).to(torch_device)])
+        if mode == "full"
+        else (lambda rows: dense_rows(node_features, rows, torch_device)),
+        cell_graph,
+        chunks,
+        attention_layer=None if conv == "gcn" else attention_layer,
+    )
+    embedding = mu.cpu().numpy()
+    loadings = net.gene_loadings()[0].detach().cpu().numpy()
+    if attention is not None:
+        attention = (attention[0].cpu().numpy(), attention[1].cpu().numpy())
 
     labels = _cluster(embedding, cluster_method, min_cluster_size, resolution, random_state)
     feature_names = var_names[features]

@@ -11,6 +11,8 @@ from scanpy import logging as logg
 
 from .. import __version__
 from .._utils import (
+    ScaledColumns,
+    column_mean_var,
     dense_columns,
     get_matrix,
     is_integer_valued,
@@ -56,6 +58,7 @@ def scdefer(
     alpha: float = 0.1,
     hops: int = 3,
     zinb: bool = True,
+    denoised: bool = True,
     gammas: Sequence[float] = (0.3, 0.1, 0.5, 0.1),
     n_pretrain_epochs: int = 250,
     n_epochs: int = 250,
@@ -132,6 +135,9 @@ def scdefer(
     zinb
         ``False`` drops the ZINB decoder and its loss (the paper's "without ZINB" ablation); no denoised
         layer is written then.
+    denoised
+        Write the ZINB means as ``layers["<key_added>_denoised"]``: a dense cells x genes float32 array
+        (8 GB at a million cells x 2,000 genes), so turn it off for large data.
     gammas
         Weights of the graph, ZINB, KL and cross-entropy terms (eq. 21; the paper's 0.3, 0.1, 0.5, 0.1). The
         first two also weigh pretraining.
@@ -170,7 +176,7 @@ def scdefer(
         Q (eq. 16): soft assignment of every cell to each of the K centres.
     ``layers["<key_added>_denoised"]``
         ZINB mean mu of every modelled gene, on each cell's count scale (size factor included); NaN for
-        genes not modelled. Not written with ``zinb=False``.
+        genes not modelled. Not written with ``zinb=False`` or ``denoised=False``.
     ``var["<key_added>_modelled"]``
         Whether a gene was modelled (a highly variable gene).
     ``uns[key_added]``
@@ -229,32 +235,34 @@ def scdefer(
     else:
         variable = sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
         genes = np.flatnonzero(variable["highly_variable"].to_numpy(bool))
-    log_expression = dense_columns(work.X, genes)
+    # kept sparse: the z-scoring (sc.pp.scale's, clipped at 10) is applied a minibatch of rows at a time
+    log_expression = work.X if len(genes) == n_genes else work.X[:, genes]
     del work
     if cell_graph is None:
-        cell_graph = knn_graph(log_expression, n_neighbors, random_state=random_state)
+        cell_graph = knn_graph(
+            dense_columns(log_expression, np.arange(len(genes))), n_neighbors, random_state=random_state
+        )
         graph_source = f"{n_neighbors}-NN graph of the log-normalised modelled genes"
     else:
         graph_source = f"sc.pp.neighbors graph {neighbors_key!r}"
+    mean, var = column_mean_var(log_expression, ddof=1)
+    features = ScaledColumns(log_expression, mean, np.sqrt(var), max_value=10)
     n_parts, parts_per_batch, parts = 1, 1, None
     if mode == "minibatch":
         n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
         parts = graph_partition(log_expression, n_parts, random_state=random_state)
-    features = sc.pp.scale(log_expression, max_value=10, copy=True)
-    del log_expression
-    if mode == "full" or not sp.issparse(matrix):
-        counts = dense_columns(matrix, genes)
-    else:  # densified a minibatch at a time
-        counts = sp.csr_matrix(matrix[:, genes], dtype=np.float32)
+    counts = None
+    if zinb:  # densified by _CellGraph: whole for full-graph training, else a minibatch at a time
+        counts = matrix if len(genes) == n_genes else matrix[:, genes]
 
     # the minibatch order has its own generator: the global stream (weights, random pairs) then draws the
     # same numbers in both modes, and one batch of all cells reproduces full-graph training
     _, order_generator = seed_everything(random_state)
     cells = _CellGraph(
         features,
-        counts if zinb else None,
+        counts,
         size_factors,
-        edge_index(cell_graph, torch_device),
+        cell_graph,
         torch_device,
         parts=parts,
         parts_per_batch=parts_per_batch,
@@ -364,11 +372,11 @@ def scdefer(
     def outputs(batch):
         z, z_d, z_g = encode(batch)
         q = soft_assignments(net, z, z_d, z_g)[0]
-        return (z, q, net.decode(z, batch[2])[1]) if zinb else (z, q)
+        return (z, q, net.decode(z, batch[2])[1]) if zinb and denoised else (z, q)
 
     results = [value.numpy() for value in cells.map(outputs, torch.device("cpu"))]
     embedding, proba = results[:2]
-    denoised = results[2] if zinb else None
+    means = results[2] if len(results) > 2 else None
     codes = proba.argmax(axis=1)
     beta = float(net.beta.detach())
     labels = pd.Categorical.from_codes(codes, categories=[str(k) for k in range(n_clusters)])
@@ -385,9 +393,12 @@ def scdefer(
     adata.obs[key_added] = pd.Categorical(labels, categories=labels.categories)
     adata.obsm[f"{key_added}_proba"] = proba
     adata.var[f"{key_added}_modelled"] = modelled
-    if denoised is not None:
-        layer_values = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
-        layer_values[:, rows[found]] = denoised[:, found]
+    if means is not None:
+        if found.all() and np.array_equal(rows, np.arange(adata.n_vars)):
+            layer_values = means  # every gene modelled, in order: no second cells x genes array
+        else:
+            layer_values = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+            layer_values[:, rows[found]] = means[:, found]
         adata.layers[f"{key_added}_denoised"] = layer_values
     adata.uns[key_added] = {
         "params": {
@@ -408,6 +419,7 @@ def scdefer(
             "alpha": float(alpha),
             "hops": int(hops),
             "zinb": bool(zinb),
+            "denoised": bool(denoised),
             "gammas": np.asarray(gammas, dtype=np.float64),
             "n_pretrain_epochs": int(n_pretrain_epochs),
             "n_epochs": int(n_epochs),
@@ -431,7 +443,7 @@ def scdefer(
         deep=(
             f"added\n    'X_{key_added}', embedding (adata.obsm)\n    '{key_added}', clusters (adata.obs)\n"
             f"    '{key_added}_proba' (adata.obsm)\n"
-            + (f"    '{key_added}_denoised' (adata.layers)\n" if denoised is not None else "")
+            + (f"    '{key_added}_denoised' (adata.layers)\n" if means is not None else "")
             + f"    '{key_added}_modelled' (adata.var)\n    '{key_added}' (adata.uns)"
         ),
     )
@@ -444,18 +456,20 @@ class _CellGraph:
     A batch is ``(x, counts, size_factors, (edges, propagation, adjacency), index)``: the rows of its cells
     on the device, the edges among them (renumbered) with their normalised adjacencies, and the cells'
     positions in the graph (``None`` for the whole graph). Without `parts` the whole graph moves to the
-    device once; with `parts` the cells x genes inputs stay on the host and move a batch at a time.
+    device once; with `parts` the cells x genes inputs stay on the host (sparse when the input is) and
+    move a batch at a time.
     """
 
-    def __init__(self, features, counts, size_factors, edges, device, *, parts, parts_per_batch, generator):
-        self.features, self.counts, self.edges, self.device = features, counts, edges, device
+    def __init__(self, features, counts, size_factors, graph, device, *, parts, parts_per_batch, generator):
+        self.features, self.counts, self.graph, self.device = features, counts, graph, device
         self.size_factors = torch.from_numpy(size_factors).to(device)
         self.n_cells = len(size_factors)
         self.parts, self.parts_per_batch, self.generator = parts, parts_per_batch, generator
         self.whole = None
         if parts is None:
-            x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
-            y = None if counts is None else torch.from_numpy(counts).to(device)
+            x = dense_rows(features, np.arange(self.n_cells), device)
+            y = None if counts is None else dense_rows(counts, np.arange(self.n_cells), device)
+            edges = edge_index(graph, device)
             self.whole = (x, y, self.size_factors, self._graph(edges, self.n_cells), None)
             self.features = self.counts = None
 
@@ -499,7 +513,7 @@ class _CellGraph:
 
     def _batch(self, cells: np.ndarray, *, counts: bool):
         index = torch.from_numpy(cells).to(self.device)
-        edges = induced_edges(self.edges, cells, self.n_cells)
+        edges = induced_edges(self.graph, cells).to(self.device)
         y = dense_rows(self.counts, cells, self.device) if counts and self.counts is not None else None
         x = dense_rows(self.features, cells, self.device)
         return (x, y, self.size_factors[index], self._graph(edges, len(cells)), index)

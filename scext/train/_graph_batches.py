@@ -47,9 +47,10 @@ def graph_partition(
 ) -> np.ndarray:
     """Part index (0 .. n_parts - 1) of every cell: K-means on the coordinates the graph was built on.
 
-    `coordinates` is cells x features (dense or sparse). Wide inputs are first projected onto their top
-    `n_components` singular directions (fitted on a sample of `PARTITION_SAMPLE` cells, like the K-means),
-    which keeps the neighbourhoods and makes the partition cheap for millions of cells.
+    `coordinates` is cells x features (dense, sparse, or read by rows like `scext._utils.ScaledColumns`).
+    Wide inputs are first projected onto their top `n_components` singular directions (fitted on a sample
+    of `PARTITION_SAMPLE` cells, like the K-means), which keeps the neighbourhoods and makes the partition
+    cheap for millions of cells.
     """
     from sklearn.cluster import MiniBatchKMeans
     from sklearn.decomposition import TruncatedSVD
@@ -61,15 +62,19 @@ def graph_partition(
         return np.zeros(n_cells, dtype=np.int64)
     rng = np.random.default_rng(random_state)
     sample = np.sort(rng.choice(n_cells, min(n_cells, PARTITION_SAMPLE), replace=False))
+    blocks = range(0, n_cells, 65536)
     if coordinates.shape[1] > n_components:
         svd = TruncatedSVD(n_components, random_state=random_state).fit(coordinates[sample])
-        coordinates = np.vstack(
-            [svd.transform(coordinates[start : start + 65536]) for start in range(0, n_cells, 65536)]
-        )
-    coordinates = coordinates.toarray() if sp.issparse(coordinates) else np.asarray(coordinates)
+        coordinates = np.vstack([svd.transform(coordinates[start : start + 65536]) for start in blocks])
+    elif not isinstance(coordinates, np.ndarray):  # sparse, or a lazy row reader such as ScaledColumns
+        coordinates = np.vstack([_dense(coordinates[start : start + 65536]) for start in blocks])
     kmeans = MiniBatchKMeans(n_parts, random_state=random_state, n_init=3, batch_size=4096)
     kmeans.fit(coordinates[sample])
     return kmeans.predict(coordinates).astype(np.int64)
+
+
+def _dense(block) -> np.ndarray:
+    return block.toarray() if sp.issparse(block) else np.asarray(block)
 
 
 def partition_batches(
@@ -93,9 +98,33 @@ def partition_batches(
         yield np.sort(np.concatenate([order[bounds[p] : bounds[p + 1]] for p in chosen]))
 
 
-def induced_edges(edge_index: torch.Tensor, cells: np.ndarray, n_cells: int) -> torch.Tensor:
-    """The edges of `edge_index` among `cells` (sorted), renumbered 0 .. len(cells) - 1."""
-    from torch_geometric.utils import subgraph
+def induced_edges(graph: sp.csr_matrix, cells: np.ndarray) -> torch.Tensor:
+    """torch-geometric edge index of the edges of the symmetric `graph` among `cells` (sorted), renumbered.
 
-    subset = torch.from_numpy(np.asarray(cells, dtype=np.int64)).to(edge_index.device)
-    return subgraph(subset, edge_index, relabel_nodes=True, num_nodes=n_cells)[0]
+    Row slicing of the CSR adjacency costs the batch's edges, not the whole graph's.
+    """
+    sub = graph[cells][:, cells].tocsr()
+    sub.sort_indices()  # the order of `edge_index(graph)`, so one batch of all cells is the full graph
+    sub = sub.tocoo()
+    return torch.from_numpy(np.vstack([sub.row, sub.col]).astype(np.int64))
+
+
+def halo_edges(graph: sp.csr_matrix, targets: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """The cells whose messages reach `targets` in one graph layer, and those edges, renumbered.
+
+    Returns ``nodes`` (the targets first, in their order, then their other neighbours) and the edge index
+    (row 0: position of the source in ``nodes``, row 1: position of the target in `targets`) of every edge
+    ``j -> i`` with i a target, row i of the symmetric `graph` listing its neighbours j. With the targets first, a bipartite
+    graph layer called on ``(x[nodes], x[targets])`` adds each target's self-loop where it belongs, so a
+    layer's output for all cells can be computed a chunk of targets at a time (layer-wise inference).
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    rows = graph[targets]
+    sources = rows.indices.astype(np.int64)
+    local_targets = np.repeat(np.arange(len(targets)), np.diff(rows.indptr))
+    others = np.setdiff1d(sources, targets)
+    nodes = np.concatenate([targets, others])
+    order = np.argsort(nodes, kind="stable")
+    local_sources = order[np.searchsorted(nodes[order], sources)]
+    edges = torch.from_numpy(np.vstack([local_sources, local_targets]).astype(np.int64))
+    return nodes, edges
