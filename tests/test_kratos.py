@@ -90,6 +90,18 @@ def test_copy_leaves_input_untouched():
     assert "X_kratos" in trained.obsm
 
 
+def test_predictions_take_the_label_colours_in_fit_and_predict():
+    adata = make_toy(n_cells=150)
+    adata.uns["cell_type_colors"] = ["#aa0000", "#00aa00", "#0000aa"]
+    scext.tl.kratos(adata, groupby="cell_type", device="cpu", **{**FAST, "n_epochs": 2})
+    colour_of = dict(zip(adata.obs["cell_type"].cat.categories, adata.uns["cell_type_colors"], strict=True))
+    expected = [colour_of[name] for name in adata.obs["kratos_pred"].cat.categories]
+    assert list(adata.uns["kratos_pred_colors"]) == expected
+    new = make_toy(random_state=1, n_cells=60)
+    scext.tl.kratos_predict(new, adata)
+    assert list(new.uns["kratos_pred_colors"]) == expected
+
+
 def test_test_size_zero_trains_on_every_labelled_cell():
     adata = make_toy(n_cells=150)
     scext.tl.kratos(adata, groupby="cell_type", test_size=0, device="cpu", **{**FAST, "n_epochs": 2})

@@ -266,8 +266,9 @@ class Kratos:
         if len(missing):
             raise ValueError(
                 f"The AnnData lacks {len(missing)} of the model's {len(self.var_names)} genes "
-                f"(e.g. {list(missing[:5])}). Subset or reindex it to the training genes "
-                "(model.var_names) before predicting; a model cannot classify genes it never saw."
+                f"(e.g. {list(missing[:5])}). The model needs every gene it was trained on "
+                "(model.var_names); extra genes are fine. Use data that has them (e.g. before subsetting "
+                "to highly variable genes), or retrain on the genes both data sets share."
             )
         return SelectedColumns(matrix, position)
 

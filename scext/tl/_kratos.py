@@ -123,7 +123,8 @@ def kratos(
     ``obsm["<key_added>_proba"]``
         Class probabilities, columns in the order of ``uns[key_added]["classes"]``.
     ``obs["<key_added>_pred"]``
-        Predicted class (categorical).
+        Predicted class (categorical); ``uns["<key_added>_pred_colors"]`` takes the colours of
+        ``uns["<groupby>_colors"]`` when Scanpy has set them, so a class looks the same in both plots.
     ``obs["<key_added>_split"]``
         ``train`` / ``validation`` / ``test`` / ``unlabeled``.
     ``uns[key_added]``
@@ -198,6 +199,7 @@ def kratos(
     adata.obsm[f"X_{key_added}"] = embedding
     adata.obsm[f"{key_added}_proba"] = proba
     adata.obs[f"{key_added}_pred"] = pd.Categorical.from_codes(predicted, categories=classes)
+    _copy_colors(adata, groupby, f"{key_added}_pred")
     adata.obs[f"{key_added}_split"] = pd.Categorical(split, categories=SPLITS)
     adata.uns[key_added] = {
         "params": {
@@ -277,6 +279,7 @@ def kratos_predict(
     key_added = key if key_added is None else key_added
     start = logg.info("classifying cells with a trained KRATOS model")
     torch_device = resolve_device(device)
+    reference = model
     if isinstance(model, AnnData):
         model = Kratos.from_adata(model, key=key)
     if not isinstance(model, Kratos):
@@ -290,11 +293,25 @@ def kratos_predict(
     adata.obsm[f"X_{key_added}"] = embedding
     adata.obsm[f"{key_added}_proba"] = proba
     adata.obs[f"{key_added}_pred"] = pd.Categorical.from_codes(proba.argmax(axis=1), categories=model.classes)
+    if isinstance(reference, AnnData) and f"{key}_pred_colors" in reference.uns:
+        adata.uns[f"{key_added}_pred_colors"] = list(reference.uns[f"{key}_pred_colors"])
     adata.uns[f"{key_added}_predict"] = {"classes": np.asarray(model.classes, dtype=object)}
     logg.info(
         "    finished", time=start, deep=f"added 'X_{key_added}', '{key_added}_proba', '{key_added}_pred'"
     )
     return adata if copy else None
+
+
+def _copy_colors(adata: AnnData, source: str, target: str) -> None:
+    """Give the predictions the label column's Scanpy colours, so a class looks the same in both plots."""
+    colors = adata.uns.get(f"{source}_colors")
+    categories = adata.obs[source].cat.categories if adata.obs[source].dtype == "category" else None
+    if colors is None or categories is None or len(colors) != len(categories):
+        return
+    by_class = dict(zip(categories, colors, strict=True))
+    classes = adata.obs[target].cat.categories
+    if all(name in by_class for name in classes):
+        adata.uns[f"{target}_colors"] = [by_class[name] for name in classes]
 
 
 def _validated_labels(adata: AnnData, groupby: str) -> pd.Series:
