@@ -72,8 +72,10 @@ def test_pynndescent_recall():
         )
         >= 0.95
     )
-    # above the exact threshold, on the CPU, "auto" is pynndescent
-    assert np.array_equal(knn_indices(data, 15), knn_indices(data, 15, method="pynndescent"))
+    # on the CPU "auto" is exact torch search up to 20,000 cells, pynndescent above
+    assert np.array_equal(knn_indices(data, 15), truth)
+    many = _blobs(20_001, 5, n_clusters=20, seed=4)
+    assert np.array_equal(knn_indices(many, 5), knn_indices(many, 5, method="pynndescent"))
 
 
 @pytest.mark.parametrize("method", ["exact", pytest.param("pynndescent", marks=pytest.mark.slow), "torch"])

@@ -9,6 +9,9 @@ from ._device import resolve_device
 
 # Scanpy's own threshold: exact search below it, approximate (pynndescent) above
 EXACT_KNN_MAX_CELLS = 4096
+# on the CPU, exact torch search up to this many cells: seconds, where pynndescent's first call in a process
+# spends 20-80 s compiling its numba kernels (benchmarks/knn_scale.py)
+TORCH_CPU_KNN_MAX_CELLS = 20_000
 # Elements of one query-chunk x cells distance block in the torch search (512 MiB of float32): large enough
 # for full-speed matmul and topk, small enough that a million cells never need an n x n matrix
 TORCH_KNN_BLOCK_ELEMENTS = 2**27
@@ -58,8 +61,8 @@ def knn_indices(
     - ``"torch"``: exact brute force with torch on `device`, in query chunks so memory stays bounded
       (float32 on centred data, candidates re-ranked by direct differences: in practice the neighbours of
       float64 search). Quadratic work, which suits a GPU; on a CPU it takes minutes from ~100,000 cells.
-    - ``"auto"``: exact up to 4,096 cells (as Scanpy), then ``"torch"`` when `device` is CUDA, else
-      ``"pynndescent"``.
+    - ``"auto"``: exact up to 4,096 cells (as Scanpy), then ``"torch"`` on CUDA, or on the CPU up to 20,000
+      cells, else ``"pynndescent"``.
 
     `device` is used by ``"torch"`` only.
     """
@@ -82,7 +85,8 @@ def knn_indices(
         if n_cells <= EXACT_KNN_MAX_CELLS:
             method = "exact"
         else:
-            method = "torch" if torch_device.type == "cuda" else "pynndescent"
+            on_gpu = torch_device.type == "cuda"
+            method = "torch" if on_gpu or n_cells <= TORCH_CPU_KNN_MAX_CELLS else "pynndescent"
     # each search asks for one extra neighbour, because a cell is (nearly always) its own nearest
     if method == "exact":
         from sklearn.neighbors import NearestNeighbors

@@ -95,7 +95,8 @@ def scdefer(
     targets P are refreshed from Q of all cells (an inference pass); initial centres and outputs come
     from passes over the parts, 4 at a time in a fixed order. The device then holds the model and one
     batch (about ``batch_size`` x genes inputs and activations, an attention of batch_size^2 at worst)
-    besides the edge list; the host holds the scaled input densely and the counts sparse if given sparse.
+    besides the edge list; the host keeps the log-normalised input and the counts sparse when given sparse,
+    and z-scores a batch of rows at a time.
 
     Deviations from the paper, with reasons: the joint-training learning rate is `lr` (1e-4), not 1e-7,
     at which the loss terms barely move in 250 full-graph steps (its public code uses 1e-8); pretraining
