@@ -150,8 +150,10 @@ def cellvgae(
         Genes per cluster and latent dimension in the ``marker_genes`` table (sec. 3.4; see
         `scext.tl.cellvgae_marker_genes`).
     device, random_state, progress_bar
-        As everywhere in scext. On the CPU the same `random_state` gives the same numbers; on CUDA the
-        scatter operations of graph layers are not bit-reproducible.
+        As everywhere in scext. On the CPU with one thread (``torch.set_num_threads(1)``) the same
+        `random_state` gives the same numbers; with more threads, parallel reductions may round differently
+        from run to run (differences of about 1e-8 that UMAP + HDBSCAN can amplify). On CUDA the scatter
+        operations of graph layers are not bit-reproducible.
     key_added, copy
         Prefix of every slot written; return a copy instead of writing to `adata`.
 
