@@ -137,6 +137,8 @@ class CellVGAENet(nn.Module):
         chunks = [np.asarray(chunk, dtype=np.int64) for chunk in chunks]
         n_cells = graph.shape[0]
         halos = [halo_edges(graph, chunk) for chunk in chunks]
+        # GCN normalises by whole-graph degrees (self-loop included), read once for every chunk and layer
+        degrees = torch.from_numpy(np.diff(graph.indptr) + 1.0) if self.conv == "gcn" else None
         attention = None
         hidden = None
         for number, layer in enumerate(layers, start=1):
@@ -151,7 +153,7 @@ class CellVGAENet(nn.Module):
                 target = source[: len(chunk)]
                 edges = edges.to(source.device)
                 if isinstance(layer, GCNConv):
-                    values = _gcn_bipartite(layer, source, edges, graph, nodes, len(chunk))
+                    values = _gcn_bipartite(layer, source, edges, degrees[nodes], len(chunk))
                 elif number == attention_layer:
                     values, (layer_edges, alpha) = layer(
                         (source, target), edges, return_attention_weights=True
@@ -188,14 +190,14 @@ class CellVGAENet(nn.Module):
 
 
 def _gcn_bipartite(
-    layer: nn.Module, source: torch.Tensor, edges: torch.Tensor, graph: sp.csr_matrix, nodes, n_targets: int
+    layer: nn.Module, source: torch.Tensor, edges: torch.Tensor, degrees: torch.Tensor, n_targets: int
 ) -> torch.Tensor:
     """GCNConv (``D^-1/2 (A + I) D^-1/2 X W + b`` with degrees of the whole graph) for a chunk of targets.
 
+    `degrees` are the whole graph's (self-loop included) for the chunk's nodes, in the order of `source`.
     torch-geometric's GCNConv takes no bipartite input and would normalise by the chunk's own degrees.
     """
-    degree = torch.from_numpy(np.diff(graph.indptr)[nodes] + 1.0).to(source.device, source.dtype)
-    inverse_root = degree.rsqrt()
+    inverse_root = degrees.to(source.device, source.dtype).rsqrt()
     weights = inverse_root[edges[0]] * inverse_root[edges[1]]
     loops = torch.arange(n_targets, device=source.device)
     edges = torch.cat([edges, loops.expand(2, -1)], dim=1)
