@@ -412,7 +412,8 @@ def compare_panels(
     keys
         `{label: uns key}`, or a list of `uns` keys (each key is then its own label).
     metric
-        `"auroc"` (discriminative power) or `"pcc"` (redundancy).
+        `"auroc"` (discriminative power, :func:`panel_auroc`) or `"pcc"` (redundancy, :func:`panel_redundancy`;
+        `"redundancy"` is accepted as the same).
     **kwargs
         Passed to the metric function.
 
@@ -422,7 +423,7 @@ def compare_panels(
     """
     metrics = {"auroc": panel_auroc, "pcc": panel_redundancy, "redundancy": panel_redundancy}
     if metric not in metrics:
-        raise ValueError(f"metric must be 'auroc' or 'pcc', got {metric!r}.")
+        raise ValueError(f"metric must be 'auroc' or 'pcc' ('redundancy'), got {metric!r}.")
     if isinstance(keys, str):
         keys = [keys]
     labelled = dict(keys) if isinstance(keys, dict) else {k: k for k in keys}

@@ -163,9 +163,13 @@ def test_minibatch_training_separates_planted_communities(toy):
         batch_size=80,
         feature_decoder=True,
         attention_heads=True,
-        cluster_method="leiden",
+        cluster_method=None,  # the embedding is scored here; clustering is skipped
         **{**SMALL, "n_epochs": 30},
     )
+    assert "cellvgae" not in adata.obs
+    assert not {"n_clusters", "n_noise", "marker_genes"} & set(adata.uns["cellvgae"])
+    markers = scext.tl.cellvgae_marker_genes(adata, groupby="cell_type")
+    assert set(markers["cluster"]) == set(adata.obs["cell_type"].astype(str))
     assert adata.uns["cellvgae"]["params"]["training"] == "minibatch"
     assert adata.uns["cellvgae"]["params"]["n_parts"] == 12
     embedded = KMeans(3, n_init=10, random_state=0).fit_predict(adata.obsm["X_cellvgae"])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import scanpy as sc
@@ -207,6 +208,18 @@ def test_training_history_plot(trained_toy):
     assert len(fig.axes[0].lines) == 3  # train, validation, best epoch
     with pytest.raises(KeyError):
         scext.pl.training_history(trained_toy, key="absent")
+    with pytest.raises(KeyError, match="lost"):
+        scext.pl.training_history(trained_toy, terms=["loss", "lost"])
+
+
+def test_training_history_wraps_many_terms_into_rows():
+    history = {f"term{i}": np.linspace(1, 0, 5) for i in range(9)}
+    adata = ad.AnnData(np.zeros((2, 2), dtype=np.float32), uns={"tool": {"history": history}})
+    fig = scext.pl.training_history(adata, "tool", ncols=4, return_fig=True, show=False)
+    assert [ax.get_title() for ax in fig.axes] == list(history)  # the 3 unused cells of the 3 x 4 grid go
+    assert {ax.get_subplotspec().get_gridspec().get_geometry() for ax in fig.axes} == {(3, 4)}
+    with pytest.raises(ValueError, match="ncols"):
+        scext.pl.training_history(adata, "tool", ncols=0)
 
 
 def test_settings_device_is_the_auto_default(monkeypatch):

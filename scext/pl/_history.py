@@ -11,6 +11,7 @@ def training_history(
     key: str = "kratos",
     *,
     terms: list[str] | None = None,
+    ncols: int = 4,
     show: bool | None = None,
     save: str | bool | None = None,
     return_fig: bool = False,
@@ -18,7 +19,8 @@ def training_history(
     """Loss and every other logged term per epoch, training and validation side by side.
 
     Reads ``adata.uns[key]["history"]`` written by any scext tool; one panel per term (``loss``,
-    ``accuracy``, ...), the validation curve dashed, the restored best epoch marked.
+    ``accuracy``, ...), the validation curve dashed, the restored best epoch marked. Panels fill rows of
+    `ncols`.
     """
     if key not in adata.uns or "history" not in adata.uns[key]:
         raise KeyError(
@@ -26,8 +28,17 @@ def training_history(
         )
     history = adata.uns[key]["history"]
     names = terms or [name for name in history if not name.startswith("val_") and name != "best_epoch"]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
+    if not isinstance(ncols, int) or ncols < 1:
+        raise ValueError(f"ncols must be a positive int, got {ncols!r}.")
+    missing = [name for name in names if name not in history]
+    if missing:
+        raise KeyError(f"{missing} not in adata.uns[{key!r}]['history'], which has {list(history)}.")
+    ncols = min(ncols, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.remove()
+    for ax, name in zip(axes.flat, names, strict=False):
         ax.plot(range(1, len(history[name]) + 1), history[name], label="train")
         if f"val_{name}" in history:
             ax.plot(

@@ -66,7 +66,7 @@ def cellvgae(
     lr: float = 1e-4,
     training: str = "auto",
     batch_size: int = 8192,
-    cluster_method: str = "hdbscan",
+    cluster_method: str | None = "hdbscan",
     min_cluster_size: int | None = None,
     resolution: float = 1.0,
     attention_layer: int = 2,
@@ -138,7 +138,9 @@ def cellvgae(
     cluster_method
         ``"hdbscan"`` (scikit-learn's, on a 2-D UMAP of mu with umap-learn's clustering settings,
         ``n_neighbors=30, min_dist=0``) or ``"leiden"`` (on a 15-nearest-neighbour graph of mu, at
-        `resolution`).
+        `resolution`). ``None`` skips clustering: on atlases the UMAP + HDBSCAN (or kNN + Leiden) of mu can
+        take longer than training; cluster afterwards with ``sc.pp.neighbors(adata, use_rep="X_cellvgae")``
+        and ``sc.tl.leiden``, and describe the clusters with `scext.tl.cellvgae_marker_genes`.
     min_cluster_size
         HDBSCAN's smallest cluster; ``None`` means ``max(10, n_cells // 100)``, 1 % of the cells.
     attention_layer
@@ -164,7 +166,8 @@ def cellvgae(
     ``obsm["X_<key_added>"]``
         mu for every cell.
     ``obs["<key_added>"]``
-        Clusters (categorical; ``"noise"`` for cells HDBSCAN leaves out).
+        Clusters (categorical; ``"noise"`` for cells HDBSCAN leaves out). Not written when
+        ``cluster_method=None``.
     ``obsp["<key_added>_attention"]``
         Attention of the chosen layer, mean over heads, sparse and directed: entry ``[i, j]`` is the weight
         cell i gives cell j's message (eq. 4); each row sums to 1. Self-loops included. Not written for GCN.
@@ -174,7 +177,7 @@ def cellvgae(
         Whether a gene was a node feature.
     ``uns[key_added]``
         ``params``, ``history`` (loss, reconstruction and regulariser per epoch), ``attention_layer``,
-        ``n_clusters``, ``n_noise``, ``marker_genes`` (table), and with ``attention_heads=True``
+        ``n_clusters``, ``n_noise``, ``marker_genes`` (table; these three only when clustered), and with ``attention_heads=True``
         ``attention_heads`` (one column per head, rows in the CSR order of the attention matrix).
     """
     start = logg.info("training CellVGAE")
@@ -306,15 +309,22 @@ def cellvgae(
     if attention is not None:
         attention = (attention[0].cpu().numpy(), attention[1].cpu().numpy())
 
-    labels = _cluster(embedding, cluster_method, min_cluster_size, resolution, random_state)
     feature_names = var_names[features]
     gene_loadings, is_feature = _loadings_per_var(adata.var_names, feature_names, loadings)
-    markers = _marker_gene_table(embedding, labels, loadings, feature_names, n_marker_genes)
+    clustering = {}
+    if cluster_method is not None:
+        labels = _cluster(embedding, cluster_method, min_cluster_size, resolution, random_state)
+        clustering = {
+            "n_clusters": int(len(labels.categories) - (NOISE in labels.categories)),
+            "n_noise": int((labels == NOISE).sum()),
+            "marker_genes": _marker_gene_table(embedding, labels, loadings, feature_names, n_marker_genes),
+        }
 
     if copy:
         adata = adata.copy()
     adata.obsm[f"X_{key_added}"] = embedding
-    adata.obs[key_added] = labels
+    if cluster_method is not None:
+        adata.obs[key_added] = labels
     adata.varm[f"{key_added}_loadings"] = gene_loadings
     adata.var[f"{key_added}_feature"] = is_feature
     extra = {}
@@ -361,18 +371,19 @@ def cellvgae(
         },
         "history": {name: np.asarray(values) for name, values in history.items()},
         "attention_layer": int(attention_layer) if attention is not None else None,
-        "n_clusters": int(len(labels.categories) - (NOISE in labels.categories)),
-        "n_noise": int((labels == NOISE).sum()),
-        "marker_genes": markers,
+        **clustering,
         **extra,
     }
     logg.info(
-        f"    finished ({adata.uns[key_added]['n_clusters']} clusters, {adata.uns[key_added]['n_noise']} noise cells)",
+        f"    finished ({clustering['n_clusters']} clusters, {clustering['n_noise']} noise cells)"
+        if clustering
+        else "    finished (not clustered)",
         time=start,
         deep=(
-            f"added\n    'X_{key_added}', embedding (adata.obsm)\n    '{key_added}', clusters (adata.obs)\n"
-            f"    '{key_added}_attention' (adata.obsp)\n    '{key_added}_loadings' (adata.varm)\n"
-            f"    '{key_added}' (adata.uns)"
+            f"added\n    'X_{key_added}', embedding (adata.obsm)\n"
+            + (f"    '{key_added}', clusters (adata.obs)\n" if clustering else "")
+            + (f"    '{key_added}_attention' (adata.obsp)\n" if attention is not None else "")
+            + f"    '{key_added}_loadings' (adata.varm)\n    '{key_added}' (adata.uns)"
         ),
     )
     return adata if copy else None
@@ -429,7 +440,7 @@ def _check_choices(conv: str, regularizer: str, graph: str, cluster_method: str)
         ("conv", conv, CONVOLUTIONS),
         ("regularizer", regularizer, REGULARIZERS),
         ("graph", graph, GRAPHS),
-        ("cluster_method", cluster_method, CLUSTER_METHODS),
+        ("cluster_method", cluster_method, (*CLUSTER_METHODS, None)),
     ):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is unknown; choose one of {allowed}.")
@@ -499,7 +510,8 @@ def _cluster(embedding, method, min_cluster_size, resolution, random_state) -> p
             random_state=random_state,
             n_jobs=1,
         ).fit_transform(embedding)
-        codes = HDBSCAN(min_cluster_size=_min_cluster_size(min_cluster_size, n_cells)).fit_predict(
+        # copy given: scikit-learn 1.9 warns that its default changes; 2 columns cost nothing to copy
+        codes = HDBSCAN(min_cluster_size=_min_cluster_size(min_cluster_size, n_cells), copy=True).fit_predict(
             coordinates
         )
     names = [str(code) for code in range(codes.max() + 1)]
