@@ -76,6 +76,18 @@ def test_cw_perturbation_pushes_markers_down(ranked):
     assert (result["signed_scores"]["type_1"][:3] < 0).all()
 
 
+def test_cw_reports_how_many_cells_crossed_the_margin(ranked, trained_toy):
+    reached = ranked.uns["kratos_cw"]["cw_reached"]
+    assert list(reached.dtype.names) == ["type_0", "type_1", "type_2"]
+    assert all(reached[group][0] >= 0.8 for group in reached.dtype.names)  # the default crosses on the toy
+    adata = trained_toy.copy()
+    # a lambda too weak for the L1 step: no cell leaves its class, and the user is told
+    with pytest.warns(UserWarning, match="cw_tradeoff"):
+        scext.tl.rank_genes_perturbation(adata, method="cw", cw_tradeoff=1e-3, cw_max_iter=30, device="cpu")
+    weak = adata.uns["kratos_cw"]["cw_reached"]
+    assert all(weak[group][0] == 0 for group in weak.dtype.names)
+
+
 def test_scanpy_plots_after_h5ad_round_trip(ranked, tmp_path):
     path = tmp_path / "ranked.h5ad"
     ranked.write_h5ad(path)

@@ -56,19 +56,28 @@ def cw_perturbation(
     delta = torch.full_like(z, initial)
     for _ in range(max_iter):
         delta.requires_grad_(True)
-        scores = logits_of(z + delta)
-        if space == "proba":
-            scores = torch.softmax(scores, dim=1)
-        own = scores[:, source]
-        if reference is None:
-            rival = scores.masked_fill(_one_hot_mask(scores, source), -torch.inf).max(dim=1).values
-        else:
-            rival = scores[:, reference]
-        hinge = torch.clamp(margin + own - rival, min=0.0)
+        hinge = cw_hinge(logits_of(z + delta), source, reference, margin=margin, space=space)
         (grad,) = torch.autograd.grad(hinge.sum(), delta)
         with torch.no_grad():
             delta = delta - lr * (torch.sign(delta) + tradeoff * grad)
     return delta.detach()
+
+
+def cw_hinge(
+    logits: torch.Tensor, source: int, reference: int | None, *, margin: float, space: str = "logits"
+) -> torch.Tensor:
+    """Per cell ``max(0, margin + a_s - a_r)``, the class term of eq. 12-13; zero once the cell has crossed.
+
+    Evaluated on ``z + delta`` after `cw_perturbation`, a zero hinge says the perturbation reached the rival
+    class; where it stays positive, delta is mostly the L1 step's noise around zero (raise `tradeoff`).
+    """
+    scores = torch.softmax(logits, dim=1) if space == "proba" else logits
+    own = scores[:, source]
+    if reference is None:
+        rival = scores.masked_fill(_one_hot_mask(scores, source), -torch.inf).max(dim=1).values
+    else:
+        rival = scores[:, reference]
+    return torch.clamp(margin + own - rival, min=0.0)
 
 
 def _one_hot_mask(scores: torch.Tensor, column: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from .. import __version__
 from .._settings import settings, tqdm
 from .._utils import resolve_device, seed_everything
 from ..models import Kratos
-from ..models._attribution import cw_perturbation, integrated_gradients, smoothgrad
+from ..models._attribution import cw_hinge, cw_perturbation, integrated_gradients, smoothgrad
 from ..train import dense_rows
 
 METHODS = ("cw", "smoothgrad", "integrated_gradients")
@@ -76,7 +76,11 @@ def rank_genes_perturbation(
         ``"support"`` drops the rival class's markers that one-vs-rest CW raises: on baron_mouse it lifted
         CW's SVM AUROC from 0.855 to 0.960 at the top 0.1 % of genes and from 0.952 to 0.995 at 1 %.
     cw_tradeoff, cw_margin, cw_lr, cw_max_iter
-        Lambda, alpha, learning rate and iterations of eq. 12-13 / Algorithm 1.
+        Lambda, alpha, learning rate and iterations of eq. 12-13 / Algorithm 1. Lambda weighs the class term
+        against the L1 step: too small, and confidently classified cells never cross the margin
+        (``uns[key_added]["cw_reached"]``; a warning says so). On baron_mouse the default crossed almost
+        no cell and ``cw_tradeoff=100`` ranked far better; the paper, too, blames untuned lambda and alpha
+        for CW's weaker Baron panels.
     cw_space
         ``"logits"`` (default) or ``"proba"``: whether the hinge of eq. 12-13 compares logits or softmax
         outputs; see `scext.models.cw_perturbation` for why logits are the default.
@@ -105,7 +109,9 @@ def rank_genes_perturbation(
         (mean signed attribution: positive means the class is reached by raising the gene for gradient
         methods; for ``cw`` the mean perturbation, negative where lowering the gene leaves the class),
         ``logfoldchanges`` (Scanpy's formula, group vs reference, on the model's input matrix), ``pvals`` and
-        ``pvals_adj`` (NaN: attributions give no test), ``params``, and ``n_cells`` explained per group.
+        ``pvals_adj`` (NaN: attributions give no test), ``params``, ``n_cells`` explained per group, and for
+        ``cw`` ``cw_reached``: the fraction of those cells whose perturbation crossed the margin (a warning
+        names groups below one half).
         ``sc.get.rank_genes_groups_df`` and ``sc.pl.rank_genes_groups_*`` take it via ``key=key_added``.
     ``varm["<key_added>_scores"]``
         Genes x groups score matrix (NaN for genes the model does not read).
@@ -156,7 +162,7 @@ def rank_genes_perturbation(
     }[method]
     reference_index = None if reference == "rest" else model.classes.index(reference)
 
-    scores, signed, n_cells = {}, {}, {}
+    scores, signed, n_cells, reached = {}, {}, {}, {}
     show = settings.progress_bar if progress_bar is None else progress_bar
     for group in tqdm(groups, desc=f"{method} per group", disable=not show, leave=False):
         rows = np.flatnonzero((labels == group) & (predicted == group))
@@ -167,19 +173,43 @@ def rank_genes_perturbation(
             continue
         total = torch.zeros(matrix.shape[1], device=torch_device, dtype=torch.float64)
         total_abs = torch.zeros_like(total)
+        n_reached = 0
+        source = model.classes.index(group)
         for chunk in range(0, len(rows), batch_size):
             z = net.standardize(dense_rows(matrix, rows[chunk : chunk + batch_size], torch_device))
-            attribution = explain(net.forward_standardized, z, model.classes.index(group), reference_index)
+            attribution = explain(net.forward_standardized, z, source, reference_index)
             total += attribution.sum(0, dtype=torch.float64)
             total_abs += attribution.abs().sum(0, dtype=torch.float64)
+            if method == "cw":
+                with torch.no_grad():
+                    hinge = cw_hinge(
+                        net.forward_standardized(z + attribution),
+                        source,
+                        reference_index,
+                        margin=cw_margin,
+                        space=cw_space,
+                    )
+                n_reached += int((hinge == 0).sum())
         signed[group] = (total / len(rows)).cpu().numpy()
         if score == "magnitude":
             scores[group] = (total_abs / len(rows)).cpu().numpy()
         else:
             scores[group] = -signed[group] if method == "cw" else signed[group]
         n_cells[group] = len(rows)
+        if method == "cw":
+            reached[group] = n_reached / len(rows)
     if not scores:
         raise ValueError("No group had a correctly classified cell; nothing to rank.")
+    stuck = {group: fraction for group, fraction in reached.items() if fraction < 0.5}
+    if stuck:
+        warnings.warn(
+            f"The CW perturbation took fewer than half of the cells across the margin in {len(stuck)} of "
+            f"{len(reached)} groups ({', '.join(f'{g}: {f:.0%}' for g, f in list(stuck.items())[:5])}"
+            f"{', ...' if len(stuck) > 5 else ''}); their rankings then follow the L1 step more than the "
+            f"classifier. Raise cw_tradeoff (now {cw_tradeoff}) or cw_max_iter; see uns[{key_added!r}]"
+            "['cw_reached'].",
+            stacklevel=2,
+        )
 
     result = _rank_genes_groups_layout(
         scores, signed, _log_fold_changes(matrix, labels, list(scores), reference), model.var_names
@@ -208,6 +238,8 @@ def rank_genes_perturbation(
     }
     # a record array, not a dict: group names may hold "/", which h5py would read as nested groups
     result["n_cells"] = np.rec.fromarrays([[n] for n in n_cells.values()], names=list(n_cells))
+    if reached:
+        result["cw_reached"] = np.rec.fromarrays([[f] for f in reached.values()], names=list(reached))
     gene_scores = pd.DataFrame(scores, index=model.var_names).reindex(adata.var_names)
 
     if copy:
