@@ -1,6 +1,6 @@
 """Model classes: plain torch modules plus the genes, classes and scaler they need. No AnnData inside a module."""
 
-from ._attribution import cw_perturbation, integrated_gradients, smoothgrad
+from ._attribution import cw_hinge, cw_perturbation, integrated_gradients, smoothgrad
 from ._cellvgae import CellVGAENet
 from ._cicl import Cicl, CiclNet
 from ._gene_gcn import GeneGraphSmoothing, normalized_prior
@@ -16,6 +16,7 @@ __all__ = [
     "Kratos",
     "KratosNet",
     "ScdeferNet",
+    "cw_hinge",
     "cw_perturbation",
     "integrated_gradients",
     "kmeans",
