@@ -52,10 +52,15 @@ def worker(rank: int, directory) -> None:
         world_size=WORLD_SIZE,
         timeout=datetime.timedelta(seconds=60),
     )
+    import scanpy as sc
+
+    sc.settings.verbosity = "info"
+    sc.settings.logfile = directory / f"log_rank{rank}.txt"
     try:
         assert world() == (rank, WORLD_SIZE)
         for scenario in SCENARIOS:
             save(train(scenario), directory, f"{scenario}_rank{rank}")
+            assert sc.settings.verbosity == sc.Verbosity.info  # restored after the call
     finally:
         dist.destroy_process_group()
 
@@ -115,6 +120,11 @@ def test_two_ranks_match_each_other_and_one_process(two_ranks, scenario):
     assert len(history0["loss"]) == COMMON["n_epochs"]
     for name, values in expected.items():
         np.testing.assert_allclose(history0[name], values, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_only_rank_zero_logs(two_ranks):
+    assert "training KRATOS" in (two_ranks / "log_rank0.txt").read_text()
+    assert "KRATOS" not in (two_ranks / "log_rank1.txt").read_text()
 
 
 def test_without_process_group_nothing_is_sharded():

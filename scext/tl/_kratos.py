@@ -13,10 +13,12 @@ from .. import __version__
 from .._utils import get_matrix, matrix_source, resolve_device, seed_everything, stratified_split
 from ..metrics import clustering_scores
 from ..models import Kratos, normalized_prior
+from ..train._distributed import rank_zero_logging
 
 SPLITS = ["train", "validation", "test", "unlabeled"]
 
 
+@rank_zero_logging
 def kratos(
     adata: AnnData,
     groupby: str,

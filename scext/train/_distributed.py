@@ -15,7 +15,8 @@ communication with the backward pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +28,25 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def rank_zero_logging(function: Callable) -> Callable:
+    """Run `function` with Scanpy's logging silenced on every rank but 0, so a torchrun job logs once."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if world()[0] == 0:
+            return function(*args, **kwargs)
+        from scanpy import settings
+
+        previous = settings.verbosity
+        settings.verbosity = 0  # errors only
+        try:
+            return function(*args, **kwargs)
+        finally:
+            settings.verbosity = previous
+
+    return wrapper
 
 
 def shard(rows: np.ndarray) -> np.ndarray:
