@@ -3,14 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.util import find_spec
-
-# tqdm.auto wants ipywidgets for its Jupyter bar and warns ("IProgress not found") without it; many Scanpy
-# kernels lack it, so fall back to the text bar quietly
-if find_spec("ipywidgets") is not None:
-    from tqdm.auto import tqdm
-else:
-    from tqdm import tqdm
 
 
 @dataclass
@@ -31,5 +23,3 @@ class ScextSettings:
 
 
 settings = ScextSettings()
-
-__all__ = ["settings", "tqdm"]

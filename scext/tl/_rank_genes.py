@@ -9,9 +9,10 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
+from tqdm.auto import tqdm
 
 from .. import __version__
-from .._settings import settings, tqdm
+from .._settings import settings
 from .._utils import resolve_device, seed_everything
 from ..models import Kratos
 from ..models._attribution import cw_hinge, cw_perturbation, integrated_gradients, smoothgrad

@@ -5,8 +5,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .._settings import settings, tqdm
+from .._settings import settings
 from ._distributed import average_gradients, broadcast_state, optimizer_parameters, reduce_epoch_sums, world
 
 StepFn = Callable[[tuple[torch.Tensor, ...]], Mapping[str, torch.Tensor]]
