@@ -79,9 +79,12 @@ def rank_genes_perturbation(
     cw_tradeoff, cw_margin, cw_lr, cw_max_iter
         Lambda, alpha, learning rate and iterations of eq. 12-13 / Algorithm 1. Lambda weighs the class term
         against the L1 step: too small, and confidently classified cells never cross the margin
-        (``uns[key_added]["cw_reached"]``; a warning says so). On baron_mouse the default crossed almost
-        no cell and ``cw_tradeoff=100`` ranked far better; the paper, too, blames untuned lambda and alpha
-        for CW's weaker Baron panels.
+        (``uns[key_added]["cw_reached"]``; a warning says so when most groups stay below 10 %), and only genes
+        whose gradient beats ``1 / lambda`` leave the L1 noise. On baron_mouse (all genes, log-normalised)
+        the default crossed at most 1 % of the cells of any group, and its panels scored a mean SVM AUROC
+        of 0.857 at the top 0.1 % of genes; ``cw_tradeoff=100`` crossed a median 14 % and scored 0.997, as
+        SmoothGrad and Integrated Gradients do. The paper, too, blames untuned lambda and alpha for CW's
+        weaker Baron panels.
     cw_space
         ``"logits"`` (default) or ``"proba"``: whether the hinge of eq. 12-13 compares logits or softmax
         outputs; see `scext.models.cw_perturbation` for why logits are the default.
@@ -111,8 +114,7 @@ def rank_genes_perturbation(
         methods; for ``cw`` the mean perturbation, negative where lowering the gene leaves the class),
         ``logfoldchanges`` (Scanpy's formula, group vs reference, on the model's input matrix), ``pvals`` and
         ``pvals_adj`` (NaN: attributions give no test), ``params``, ``n_cells`` explained per group, and for
-        ``cw`` ``cw_reached``: the fraction of those cells whose perturbation crossed the margin (a warning
-        names groups below one half).
+        ``cw`` ``cw_reached``: the fraction of those cells whose perturbation crossed the margin.
         ``sc.get.rank_genes_groups_df`` and ``sc.pl.rank_genes_groups_*`` take it via ``key=key_added``.
     ``varm["<key_added>_scores"]``
         Genes x groups score matrix (NaN for genes the model does not read).
@@ -201,14 +203,15 @@ def rank_genes_perturbation(
             reached[group] = n_reached / len(rows)
     if not scores:
         raise ValueError("No group had a correctly classified cell; nothing to rank.")
-    stuck = {group: fraction for group, fraction in reached.items() if fraction < 0.5}
-    if stuck:
+    # a few rare groups that resist are normal; most groups never crossing means lambda is too small
+    stuck = {group: fraction for group, fraction in reached.items() if fraction < 0.1}
+    if len(stuck) > len(reached) / 2:
         warnings.warn(
-            f"The CW perturbation took fewer than half of the cells across the margin in {len(stuck)} of "
+            f"The CW perturbation took fewer than 10% of the cells across the margin in {len(stuck)} of "
             f"{len(reached)} groups ({', '.join(f'{g}: {f:.0%}' for g, f in list(stuck.items())[:5])}"
             f"{', ...' if len(stuck) > 5 else ''}); their rankings then follow the L1 step more than the "
-            f"classifier. Raise cw_tradeoff (now {cw_tradeoff}) or cw_max_iter; see uns[{key_added!r}]"
-            "['cw_reached'].",
+            f"classifier. Raise cw_tradeoff (now {cw_tradeoff}; 100 suited baron_mouse); see "
+            f"uns[{key_added!r}]['cw_reached'].",
             stacklevel=2,
         )
 
