@@ -177,8 +177,8 @@ def cellvgae(
         Whether a gene was a node feature.
     ``uns[key_added]``
         ``params``, ``history`` (loss, reconstruction and regulariser per epoch), ``attention_layer``,
-        ``n_clusters``, ``n_noise``, ``marker_genes`` (table; these three only when clustered), and with ``attention_heads=True``
-        ``attention_heads`` (one column per head, rows in the CSR order of the attention matrix).
+        ``n_clusters``, ``n_noise``, ``marker_genes`` (table; these three only when clustered), and with
+        ``attention_heads=True`` ``attention_heads`` (one column per head, rows in the CSR order of the attention matrix).
     """
     start = logg.info("training CellVGAE")
     torch_device = resolve_device(device)
@@ -311,7 +311,7 @@ def cellvgae(
 
     feature_names = var_names[features]
     gene_loadings, is_feature = _loadings_per_var(adata.var_names, feature_names, loadings)
-    clustering = {}
+    labels, clustering = None, {}
     if cluster_method is not None:
         labels = _cluster(embedding, cluster_method, min_cluster_size, resolution, random_state)
         clustering = {
@@ -323,7 +323,7 @@ def cellvgae(
     if copy:
         adata = adata.copy()
     adata.obsm[f"X_{key_added}"] = embedding
-    if cluster_method is not None:
+    if labels is not None:
         adata.obs[key_added] = labels
     adata.varm[f"{key_added}_loadings"] = gene_loadings
     adata.var[f"{key_added}_feature"] = is_feature
