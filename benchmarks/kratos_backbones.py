@@ -80,7 +80,7 @@ def main() -> None:
         rows.append(run(full, "MLP, random init", f"all {full.n_vars}", seed, args.device))
         train_cells = np.flatnonzero(full.obs["kratos_split"] == "train")
         rows.append(
-            run(full, "MLP, autoencoder init", f"all {full.n_vars}", seed, args.device, init="autoencoder")
+            run(full, "MLP, autoencoder init", f"all {full.n_vars}", seed, args.device, weight_init="autoencoder")
         )
         tag = f"{subset.n_vars} HVG" if subset is not full else f"all {full.n_vars}"
         if subset is not full:
@@ -113,7 +113,7 @@ def main() -> None:
                 seed,
                 args.device,
                 prior_graph="coexpression",
-                init="autoencoder",
+                weight_init="autoencoder",
                 **gcn,
             )
         )

@@ -1,5 +1,6 @@
 """Model classes: plain torch modules plus the genes, classes and scaler they need. No AnnData inside a module."""
 
+from ._base import Model
 from ._attribution import cw_hinge, cw_perturbation, integrated_gradients, smoothgrad
 from ._cellvgae import CellVGAENet
 from ._cicl import Cicl, CiclNet
@@ -15,6 +16,7 @@ __all__ = [
     "GeneGraphSmoothing",
     "Kratos",
     "KratosNet",
+    "Model",
     "ScdeferNet",
     "cw_hinge",
     "cw_perturbation",

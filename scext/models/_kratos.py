@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,11 +12,11 @@ import torch
 from anndata import AnnData
 from torch import nn
 
-from .._utils import SelectedColumns, column_mean_var, get_matrix
+from .._utils import column_mean_var
 from ..train import all_reduce_sum, iter_minibatches, map_minibatches, train_loop
+from ._base import Model
 from ._gene_gcn import GeneGraphSmoothing
 
-MODEL_FILE = "kratos_model.pt"
 BACKBONES = ("mlp", "gene_gcn")
 CPU = torch.device("cpu")
 
@@ -76,12 +75,11 @@ def one_vs_all_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -(one_hot * log_p + (1 - one_hot) * log_not_p).sum(dim=1).mean()
 
 
-class Kratos:
+class Kratos(Model):
     """A trained (or to-be-trained) KRATOS classifier with its genes, classes and scaler.
 
     Usually built by `scext.tl.kratos`, which stores it in ``adata.uns[key]["model"]``; get it back with
-    `Kratos.from_adata`, or `save` / `load` it to a folder. Files hold only tensors and plain Python types
-    and load with ``torch.load(weights_only=True)``.
+    `Kratos.from_adata`, or `save` / `load` it to a folder (`scext.models.Model`).
 
     Parameters
     ----------
@@ -100,6 +98,9 @@ class Kratos:
     prior
         Normalised prior gene graph for ``gene_gcn`` (`scext.models.normalized_prior`), or None.
     """
+
+    name = "kratos"
+    tool = "scext.tl.kratos"
 
     def __init__(
         self,
@@ -256,29 +257,24 @@ class Kratos:
         )
 
     # ------------------------------------------------------------------ inference
-    def aligned_matrix(self, adata: AnnData):
-        """The AnnData's expression in this model's gene order; raises if genes are missing."""
-        matrix, var_names = get_matrix(adata, layer=self.layer, use_raw=self.use_raw, backed=True)
-        if var_names.equals(self.var_names):
-            return matrix
-        position = var_names.get_indexer(self.var_names)
-        missing = self.var_names[position < 0]
-        if len(missing):
-            raise ValueError(
-                f"The AnnData lacks {len(missing)} of the model's {len(self.var_names)} genes "
-                f"(e.g. {list(missing[:5])}). The model needs every gene it was trained on "
-                "(model.var_names); extra genes are fine. Use data that has them (e.g. before subsetting "
-                "to highly variable genes), or retrain on the genes both data sets share."
-            )
-        return SelectedColumns(matrix, position)
-
     def embed_and_classify(
-        self, matrix, device: torch.device = CPU, batch_size: int = 4096
+        self, matrix, device: torch.device = CPU, chunk_size: int = 4096
     ) -> tuple[np.ndarray, np.ndarray]:
         """Embedding (last hidden layer) and class probabilities of every row, as numpy arrays."""
         net = self.net.to(device).eval()
-        embedding, proba = map_minibatches(net.embed_and_classify, matrix, device, batch_size)
+        embedding, proba = map_minibatches(net.embed_and_classify, matrix, device, chunk_size)
         return embedding, proba
+
+    def transform(self, adata: AnnData, *, device: torch.device = CPU, chunk_size: int = 4096) -> np.ndarray:
+        """The embedding (last hidden layer) of every cell of `adata` (genes matched by name)."""
+        return self.embed_and_classify(self.aligned_matrix(adata), device, chunk_size)[0]
+
+    def predict(
+        self, adata: AnnData, *, device: torch.device = CPU, chunk_size: int = 4096
+    ) -> tuple[pd.Categorical, np.ndarray]:
+        """Predicted classes (categorical over `classes`) and class probabilities of every cell of `adata`."""
+        proba = self.embed_and_classify(self.aligned_matrix(adata), device, chunk_size)[1]
+        return pd.Categorical.from_codes(proba.argmax(axis=1), categories=self.classes), proba
 
     # ------------------------------------------------------------------ persistence
     def _config(self) -> dict:
@@ -294,13 +290,17 @@ class Kratos:
         }
 
     def _arrays(self) -> dict[str, dict[str, np.ndarray]]:
-        arrays = {"state_dict": {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}}
+        arrays = {"state_dict": self._state_arrays()}
         if self.prior is not None:
             arrays["prior"] = {"row": self.prior.row, "col": self.prior.col, "data": self.prior.data}
         return arrays
 
     @classmethod
-    def _build(cls, config: dict, arrays: dict) -> Kratos:
+    def _build_net(cls, config: dict, arrays: dict) -> nn.Module:
+        return cls._build(config, arrays, weights=False).net
+
+    @classmethod
+    def _build(cls, config: dict, arrays: dict, weights: bool = True) -> Kratos:
         prior = arrays.get("prior")
         if prior is not None:
             n_genes = len(config["var_names"])
@@ -309,64 +309,25 @@ class Kratos:
                 shape=(n_genes, n_genes),
             )
         model = cls(**config, prior=prior)
-        model.net.load_state_dict(
-            {k: torch.as_tensor(np.asarray(v)) for k, v in arrays["state_dict"].items()}
-        )
-        model.net.eval()
+        if weights:
+            model._load_weights(arrays["state_dict"])
         return model
-
-    def to_dict(self) -> dict:
-        """Plain types and numpy arrays only, so the model fits in ``adata.uns`` and in an h5ad file."""
-        config = self._config()
-        config["var_names"] = np.asarray(config["var_names"], dtype=object)
-        config["classes"] = np.asarray(config["classes"], dtype=object)
-        config["hidden_sizes"] = np.asarray(config["hidden_sizes"], dtype=np.int64)
-        return {**config, **self._arrays()}
 
     @classmethod
     def from_dict(cls, state: dict) -> Kratos:
+        if "header" in state:
+            return super().from_dict(state)
+        # the layout of adata.uns["kratos"]["model"] written before the shared model interface
         config = {
             "var_names": [str(g) for g in state["var_names"]],
             "classes": [str(c) for c in state["classes"]],
             "hidden_sizes": [int(h) for h in state["hidden_sizes"]],
             "layer": state["layer"],
             "use_raw": bool(state["use_raw"]),
-            # models written before the gene_gcn backbone existed are MLPs
             "backbone": str(state.get("backbone", "mlp")),
             "gene_dim": int(state.get("gene_dim", 8)),
             "key_dim": int(state.get("key_dim", 8)),
         }
-        return cls._build(config, state)
-
-    @classmethod
-    def from_adata(cls, adata: AnnData, key: str = "kratos") -> Kratos:
-        """The model that `scext.tl.kratos(..., key_added=key)` stored in `adata`."""
-        if key not in adata.uns or "model" not in adata.uns[key]:
-            raise KeyError(
-                f"adata.uns[{key!r}] holds no KRATOS model; run scext.tl.kratos(adata, groupby=...)."
-            )
-        return cls.from_dict(adata.uns[key]["model"])
-
-    def save(self, directory: str | Path, overwrite: bool = False) -> None:
-        """Write the model to `directory`/kratos_model.pt (tensors and plain types only)."""
-        directory = Path(directory)
-        path = directory / MODEL_FILE
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            name: {k: torch.as_tensor(v) for k, v in group.items()} for name, group in self._arrays().items()
-        }
-        torch.save({"meta": json.dumps(self._config()), **tensors}, path)
-
-    @classmethod
-    def load(cls, directory: str | Path, adata: AnnData | None = None) -> Kratos:
-        """Read a model written by `save`; with `adata`, check that its genes cover the model's."""
-        saved = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
-        arrays = {
-            name: {k: v.numpy() for k, v in group.items()} for name, group in saved.items() if name != "meta"
-        }
-        model = cls._build(json.loads(saved["meta"]), arrays)
-        if adata is not None:
-            model.aligned_matrix(adata)
-        return model
+        arrays = {group: dict(state[group]) for group in ("state_dict", "prior") if group in state}
+        cls._check_shapes(config, arrays)
+        return cls._build(config, arrays)

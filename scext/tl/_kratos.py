@@ -13,11 +13,14 @@ from .. import __version__
 from .._utils import get_matrix, matrix_source, resolve_device, seed_everything, stratified_split
 from ..metrics import clustering_scores
 from ..models import Kratos, normalized_prior
+from .._docs import doc_params
+from .._utils._arguments import renamed_arguments
 from ..train._distributed import rank_zero_logging
 
 SPLITS = ["train", "validation", "test", "unlabeled"]
 
 
+@renamed_arguments(pretrain_epochs="n_pretrain_epochs", init="weight_init")
 @rank_zero_logging
 def kratos(
     adata: AnnData,
@@ -31,8 +34,8 @@ def kratos(
     prior_diagonal: str = "zero",
     gene_dim: int = 8,
     key_dim: int = 8,
-    init: str = "random",
-    pretrain_epochs: int = 20,
+    weight_init: str = "random",
+    n_pretrain_epochs: int = 20,
     n_epochs: int = 100,
     lr: float = 1e-3,
     batch_size: int = 64,
@@ -89,9 +92,9 @@ def kratos(
         ``"zero"`` or ``"one"``: the prior graph's diagonal (the paper's two variants).
     gene_dim, key_dim
         Gene feature size d and key size d_k of ``gene_gcn``.
-    init
+    weight_init
         ``"random"`` or ``"autoencoder"``: first train the layers up to the embedding as the encoder of an
-        autoencoder on the training cells (paper 001), for `pretrain_epochs`.
+        autoencoder on the training cells (paper 001), for `n_pretrain_epochs`.
     n_epochs, lr, batch_size
         Adam training; the paper's 100, 1e-3 and 64.
     test_size, validation_size
@@ -139,8 +142,8 @@ def kratos(
     torch_device = resolve_device(device)
     labels = _validated_labels(adata, groupby)
     _check_fractions(test_size, validation_size)
-    if init not in ("random", "autoencoder"):
-        raise ValueError(f"init={init!r} is unknown; choose 'random' or 'autoencoder'.")
+    if weight_init not in ("random", "autoencoder"):
+        raise ValueError(f"weight_init={weight_init!r} is unknown; choose 'random' or 'autoencoder'.")
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw, backed=True)
     prior = _prior(adata, prior_graph, prior_diagonal, use_raw)
     rng, generator = seed_everything(random_state)
@@ -178,8 +181,8 @@ def kratos(
         "progress_bar": progress_bar,
     }
     pretraining = {}
-    if init == "autoencoder":
-        pretraining = model.pretrain_autoencoder(matrix, train_rows, n_epochs=pretrain_epochs, **shared)
+    if weight_init == "autoencoder":
+        pretraining = model.pretrain_autoencoder(matrix, train_rows, n_epochs=n_pretrain_epochs, **shared)
     history = model.fit(
         matrix,
         np.where(codes >= 0, codes, 0),
@@ -215,8 +218,8 @@ def kratos(
             "prior_diagonal": prior_diagonal,
             "gene_dim": int(gene_dim),
             "key_dim": int(key_dim),
-            "init": init,
-            "pretrain_epochs": int(pretrain_epochs) if init == "autoencoder" else 0,
+            "weight_init": weight_init,
+            "n_pretrain_epochs": int(n_pretrain_epochs) if weight_init == "autoencoder" else 0,
             "n_epochs": int(n_epochs),
             "lr": float(lr),
             "batch_size": int(batch_size),
@@ -248,13 +251,15 @@ def kratos(
     return adata if copy else None
 
 
+@renamed_arguments(batch_size="chunk_size")
+@doc_params
 def kratos_predict(
     adata: AnnData,
     model: Kratos | AnnData,
     *,
     key: str = "kratos",
     device: str | torch.device = "auto",
-    batch_size: int = 4096,
+    chunk_size: int = 4096,
     key_added: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
@@ -265,13 +270,11 @@ def kratos_predict(
     adata
         New cells. Must hold every gene of the model, in the same units (layer, normalisation) as the
         training data; extra genes are ignored and the order may differ.
-    model
-        A `scext.models.Kratos`, or the AnnData `scext.tl.kratos` was run on (the model is read from
-        ``uns[key]``, which survives ``write_h5ad`` / ``read_h5ad``).
-    key
-        Where the model lives in the reference AnnData.
-    key_added
-        Prefix of the slots written; defaults to `key`.
+    {predict_model}
+    {device}
+    chunk_size
+        Cells embedded at once (memory: chunk_size x genes floats); results do not depend on it.
+    {copy}
 
     Returns
     -------
@@ -282,14 +285,9 @@ def kratos_predict(
     start = logg.info("classifying cells with a trained KRATOS model")
     torch_device = resolve_device(device)
     reference = model
-    if isinstance(model, AnnData):
-        model = Kratos.from_adata(model, key=key)
-    if not isinstance(model, Kratos):
-        raise TypeError(
-            f"model must be a scext.models.Kratos or a trained AnnData, got {type(model).__name__}."
-        )
+    model = Kratos.resolve(model, key)
     matrix = model.aligned_matrix(adata)
-    embedding, proba = model.embed_and_classify(matrix, torch_device, batch_size)
+    embedding, proba = model.embed_and_classify(matrix, torch_device, chunk_size)
     if copy:
         adata = adata.copy()
     adata.obsm[f"X_{key_added}"] = embedding
