@@ -112,7 +112,7 @@ def measure_cicl(path: Path, backed: bool, device: str, slice_cells: int) -> dic
     start = time.perf_counter()
     matrix, var_names = get_matrix(adata, backed=True)
     rng = np.random.default_rng(0)
-    data, genes, scaler, _ = _cicl._prepare(matrix, var_names, True, 500, None, False, rng)
+    data, genes, scaler, _, _ = _cicl._prepare(matrix, var_names, True, 500, None, False, rng)
     prepare = time.perf_counter() - start
     n_cells = data.shape[0]
     rows = np.sort(rng.choice(n_cells, min(slice_cells, n_cells), replace=False))
@@ -124,7 +124,7 @@ def measure_cicl(path: Path, backed: bool, device: str, slice_cells: int) -> dic
     model.fit(part, n_epochs=1, device=torch_device, progress_bar=False)
     epoch = (time.perf_counter() - start) * n_cells / len(rows)
     start = time.perf_counter()
-    model.transform(part, torch_device, reference_size=slice_cells)
+    model.embed(part, torch_device, reference_size=slice_cells)
     inference = (time.perf_counter() - start) * n_cells / len(rows)
     return {
         "seconds per epoch": epoch,

@@ -205,17 +205,17 @@ def test_inference_embedding_is_independent_of_chunks_and_order():
     rng = np.random.default_rng(0)
     matrix = rng.normal(size=(90, 24)).astype(np.float32)
     model = Cicl(24, 3, n_layers=2, n_heads=2, feedforward_dim=32, projection_sizes=(32, 16))
-    whole = model.transform(matrix)
+    whole = model.embed(matrix)
     with torch.no_grad():
         torch.testing.assert_close(whole, model.net.encode(torch.from_numpy(matrix)), atol=1e-5, rtol=1e-5)
     for chunk in (1, 7, 64):
-        torch.testing.assert_close(model.transform(matrix, chunk_size=chunk), whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.embed(matrix, chunk_size=chunk), whole, atol=1e-5, rtol=1e-5)
     order = rng.permutation(90)
     torch.testing.assert_close(
-        model.transform(matrix[order], chunk_size=16), whole[order], atol=1e-5, rtol=1e-5
+        model.embed(matrix[order], chunk_size=16), whole[order], atol=1e-5, rtol=1e-5
     )
     # sparse input gives the same cells the same embedding
-    torch.testing.assert_close(model.transform(sp.csr_matrix(matrix)), whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model.embed(sp.csr_matrix(matrix)), whole, atol=1e-6, rtol=1e-6)
 
 
 def test_counts_get_the_papers_preprocessing():

@@ -160,7 +160,7 @@ def test_cicl_preprocessing_matches_scanpy_and_samples_hvg_on_atlases(monkeypatc
     counts = scext.datasets.synthetic_counts(300, 120, n_types=3, n_markers=8)
     matrix, var_names = get_matrix(counts)
     rng = np.random.default_rng(0)
-    data, genes, (center, scale), _ = _cicl._prepare(matrix, var_names, True, 50, None, False, rng)
+    data, genes, (center, scale), _, _ = _cicl._prepare(matrix, var_names, True, 50, None, False, rng)
     reference = counts.copy()
     sc.pp.filter_genes(reference, min_counts=1)
     sc.pp.normalize_total(reference)
@@ -173,7 +173,7 @@ def test_cicl_preprocessing_matches_scanpy_and_samples_hvg_on_atlases(monkeypatc
     np.testing.assert_allclose((data.toarray() - center) / scale, reference.X, atol=1e-4)
 
     monkeypatch.setattr(_cicl, "HVG_MAX_CELLS", 150)
-    _, sampled_genes, _, description = _cicl._prepare(matrix, var_names, True, 50, None, False, rng)
+    _, sampled_genes, _, description, _ = _cicl._prepare(matrix, var_names, True, 50, None, False, rng)
     assert "150 sampled cells" in description
     assert len(set(sampled_genes) & set(genes)) >= 40  # a sample ranks dispersion much as all cells do
 
@@ -181,16 +181,16 @@ def test_cicl_preprocessing_matches_scanpy_and_samples_hvg_on_atlases(monkeypatc
 def test_cicl_reference_attention_inference():
     counts = scext.datasets.synthetic_counts(300, 60, n_types=3, n_markers=10, fold_change=10.0)
     matrix, var_names = get_matrix(counts)
-    data, _, scaler, _ = _cicl._prepare(matrix, var_names, True, 60, None, False, np.random.default_rng(0))
+    data, _, scaler, _, _ = _cicl._prepare(matrix, var_names, True, 60, None, False, np.random.default_rng(0))
     torch.manual_seed(0)
     model = Cicl(data.shape[1], 3, n_layers=2, feedforward_dim=32, projection_sizes=(32, 16))
     model.set_scaler(*scaler)
     model.fit(data, n_epochs=10, batch_size=100)
-    exact = model.transform(data)
+    exact = model.embed(data)
     # at or above the number of cells the reference is all of them: exact attention
-    torch.testing.assert_close(model.transform(data, reference_size=300), exact)
-    first = model.transform(data, reference_size=120, generator=np.random.default_rng(1))
-    again = model.transform(data, chunk_size=7, reference_size=120, generator=np.random.default_rng(1))
+    torch.testing.assert_close(model.embed(data, reference_size=300), exact)
+    first = model.embed(data, reference_size=120, generator=np.random.default_rng(1))
+    again = model.embed(data, chunk_size=7, reference_size=120, generator=np.random.default_rng(1))
     torch.testing.assert_close(first, again, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(first, exact)
     labels_exact = model.cluster(exact)[0].numpy()

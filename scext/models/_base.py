@@ -57,6 +57,8 @@ class Model:
 
     name: ClassVar[str] = "model"
     tool: ClassVar[str] = "scext.tl"
+    #: the method's name as its paper writes it, for messages
+    method: ClassVar[str] = "scext"
     net: nn.Module
     var_names: pd.Index
     layer: str | None = None
@@ -101,7 +103,7 @@ class Model:
         missing = self.var_names[position < 0]
         if len(missing):
             raise ValueError(
-                f"The AnnData lacks {len(missing)} of the {self.name} model's {len(self.var_names)} genes "
+                f"The AnnData lacks {len(missing)} of the {self.method} model's {len(self.var_names)} genes "
                 f"(e.g. {list(missing[:5])}). The model needs every gene it was trained on "
                 "(model.var_names); extra genes are fine. Use data that has them (e.g. before subsetting "
                 "to highly variable genes), or retrain on the genes both data sets share."
@@ -119,7 +121,9 @@ class Model:
     @classmethod
     def from_dict(cls, state: Mapping) -> Model:
         if "header" not in state:
-            raise ValueError(f"This is not a stored scext model (no 'header'); it cannot be read as {cls.__name__}.")
+            raise ValueError(
+                f"This is not a stored scext model (no 'header'); it cannot be read as {cls.__name__}."
+            )
         header = json.loads(str(state["header"]))
         arrays = {
             group: {k: np.asarray(v) for k, v in values.items()}
@@ -133,7 +137,9 @@ class Model:
         """The model that ``scext.tl.<tool>(..., key_added=key)`` stored in ``adata.uns[key]["model"]``."""
         key = cls.name if key is None else key
         if key not in adata.uns or "model" not in adata.uns[key]:
-            raise KeyError(f"adata.uns[{key!r}] holds no {cls.__name__} model; run {cls.tool}(adata, ...) first.")
+            raise KeyError(
+                f"adata.uns[{key!r}] holds no {cls.method} model; run {cls.tool}(adata, ...) first."
+            )
         return cls.from_dict(adata.uns[key]["model"])
 
     @classmethod
@@ -178,7 +184,9 @@ class Model:
         if path.is_dir():
             path = path / cls.file_name()
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; save a {cls.__name__} there with model.save(directory).")
+            raise FileNotFoundError(
+                f"{path} does not exist; save a {cls.__name__} there with model.save(directory)."
+            )
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - a refused pickle or a corrupt file, reported as one error
@@ -238,7 +246,9 @@ class Model:
         expected = {name: tuple(value.shape) for name, value in skeleton.state_dict().items()}
         stored = {name: tuple(np.shape(value)) for name, value in arrays["state_dict"].items()}
         if expected != stored:
-            wrong = sorted(name for name in expected.keys() | stored.keys() if expected.get(name) != stored.get(name))
+            wrong = sorted(
+                name for name in expected.keys() | stored.keys() if expected.get(name) != stored.get(name)
+            )
             raise ValueError(
                 f"The stored {cls.__name__} weights do not match its header: {wrong[:5]} "
                 f"(header asks for {[expected.get(n) for n in wrong[:5]]}, file holds "
@@ -286,8 +296,12 @@ def _plain(value):
         return float(value)
     if isinstance(value, torch.device):
         return str(value)
-    if isinstance(value, Sequence) and all(isinstance(v, (int, np.integer, float, np.floating)) for v in value):
-        return np.asarray(value, dtype=np.int64 if all(isinstance(v, (int, np.integer)) for v in value) else float)
+    if isinstance(value, Sequence) and all(
+        isinstance(v, (int, np.integer, float, np.floating)) for v in value
+    ):
+        return np.asarray(
+            value, dtype=np.int64 if all(isinstance(v, (int, np.integer)) for v in value) else float
+        )
     if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
         return np.asarray(value, dtype=object)
     return f"<{type(value).__name__}>"  # a matrix or object passed as an argument: named, not stored

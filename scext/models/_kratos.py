@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -101,6 +100,7 @@ class Kratos(Model):
 
     name = "kratos"
     tool = "scext.tl.kratos"
+    method = "KRATOS"
 
     def __init__(
         self,
@@ -297,7 +297,8 @@ class Kratos(Model):
 
     @classmethod
     def _build_net(cls, config: dict, arrays: dict) -> nn.Module:
-        return cls._build(config, arrays, weights=False).net
+        # the prior graph is no parameter (it is stored beside the weights), so the shapes do not need it
+        return cls._build(config, {}, weights=False).net
 
     @classmethod
     def _build(cls, config: dict, arrays: dict, weights: bool = True) -> Kratos:

@@ -1,7 +1,7 @@
 """Tools: train a model on an AnnData and write its results into the AnnData's slots."""
 
-from ._cellvgae import cellvgae, cellvgae_marker_genes
-from ._cicl import cicl
+from ._cellvgae import cellvgae, cellvgae_marker_genes, cellvgae_predict
+from ._cicl import cicl, cicl_predict
 from ._kratos import kratos, kratos_predict
 from ._rank_genes import rank_genes_perturbation
 from ._scdefer import scdefer
@@ -9,7 +9,9 @@ from ._scdefer import scdefer
 __all__ = [
     "cellvgae",
     "cellvgae_marker_genes",
+    "cellvgae_predict",
     "cicl",
+    "cicl_predict",
     "kratos",
     "kratos_predict",
     "rank_genes_perturbation",

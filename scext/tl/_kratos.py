@@ -9,12 +9,12 @@ from anndata import AnnData
 from scanpy import logging as logg
 from sklearn.metrics import accuracy_score, f1_score
 
-from .. import __version__
+from .._docs import doc_params
 from .._utils import get_matrix, matrix_source, resolve_device, seed_everything, stratified_split
+from .._utils._arguments import renamed_arguments
 from ..metrics import clustering_scores
 from ..models import Kratos, normalized_prior
-from .._docs import doc_params
-from .._utils._arguments import renamed_arguments
+from ..models._base import params_record
 from ..train._distributed import rank_zero_logging
 
 SPLITS = ["train", "validation", "test", "unlabeled"]
@@ -22,6 +22,7 @@ SPLITS = ["train", "validation", "test", "unlabeled"]
 
 @renamed_arguments(pretrain_epochs="n_pretrain_epochs", init="weight_init")
 @rank_zero_logging
+@doc_params
 def kratos(
     adata: AnnData,
     groupby: str,
@@ -75,9 +76,8 @@ def kratos(
         minibatches, never loaded whole.
     groupby
         Column of ``adata.obs`` with the cell-type labels to learn.
-    layer, use_raw
-        Read expression from ``adata.layers[layer]`` or ``adata.raw`` instead of ``adata.X``. Sparse input
-        stays sparse; only minibatches are densified.
+    {layer}
+        Sparse input stays sparse; only minibatches are densified.
     hidden_sizes
         Hidden layer widths; the last is the embedding size.
     backbone
@@ -112,12 +112,9 @@ def kratos(
     random_state
         Seeds the split, the initial weights and the minibatch order. Runs on the CPU are reproducible; on
         CUDA, results agree to float tolerance, not bit for bit.
-    progress_bar
-        Show a bar over epochs; defaults to `scext.settings.progress_bar`.
-    key_added
-        Prefix of every slot written.
-    copy
-        Return a trained copy instead of writing to `adata`.
+    {progress_bar}
+    {key_added}
+    {copy}
 
     Returns
     -------
@@ -138,6 +135,7 @@ def kratos(
         test cells), ``silhouette`` (of the test cells' embedding, grouped by `groupby`) and ``model`` (the
         trained network; `scext.models.Kratos.from_adata` rebuilds it, `scext.tl.kratos_predict` uses it).
     """
+    arguments = locals()
     start = logg.info(f"training KRATOS classifier on {groupby!r}")
     torch_device = resolve_device(device)
     labels = _validated_labels(adata, groupby)
@@ -207,30 +205,13 @@ def kratos(
     _copy_colors(adata, groupby, f"{key_added}_pred")
     adata.obs[f"{key_added}_split"] = pd.Categorical(split, categories=SPLITS)
     adata.uns[key_added] = {
-        "params": {
-            "groupby": groupby,
-            "layer": layer,
-            "use_raw": bool(use_raw),
-            "input": matrix_source(layer, use_raw),
-            "hidden_sizes": np.asarray(hidden_sizes, dtype=np.int64),
-            "backbone": backbone,
-            "prior_graph": prior_graph,
-            "prior_diagonal": prior_diagonal,
-            "gene_dim": int(gene_dim),
-            "key_dim": int(key_dim),
-            "weight_init": weight_init,
-            "n_pretrain_epochs": int(n_pretrain_epochs) if weight_init == "autoencoder" else 0,
-            "n_epochs": int(n_epochs),
-            "lr": float(lr),
-            "batch_size": int(batch_size),
-            "test_size": float(test_size),
-            "validation_size": float(validation_size),
-            "patience": patience,
-            "scale": bool(scale),
-            "device": str(torch_device),
-            "random_state": int(random_state),
-            "scext_version": __version__,
-        },
+        "params": params_record(
+            kratos,
+            arguments,
+            input=matrix_source(layer, use_raw),
+            n_pretrain_epochs=n_pretrain_epochs if weight_init == "autoencoder" else 0,
+            device=torch_device,
+        ),
         "history": {
             **{name: np.asarray(values) for name, values in history.items()},
             **{f"pretrain_{name}": np.asarray(values) for name, values in pretraining.items()},
