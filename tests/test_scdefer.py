@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import time
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from test_kratos import assert_untouched, snapshot
 
 import scext
 from scext._utils._graph import knn_graph
+from scext.models import Scdefer
 from scext.models._scdefer import target_distribution, zinb_nll
 
 SMALL = {
@@ -99,7 +103,7 @@ def test_slots_and_shapes(trained):
     params = trained.uns["scdefer"]["params"]
     assert params["device"] == "cpu" and params["random_state"] == 0
     assert params["scext_version"] == scext.__version__
-    assert params["n_genes"] == 60 and params["init"] == "kmeans" and params["alpha"] == 0.1
+    assert params["n_genes"] == 60 and params["center_init"] == "kmeans" and params["fusion_weight"] == 0.1
     # "auto" trains a graph this small whole
     assert params["training"] == "full" and params["n_parts"] == 1 and params["batch_size"] == 8192
     assert trained.uns["scdefer"]["n_clusters"] == len(labels.cat.categories)
@@ -177,14 +181,14 @@ def test_leiden_picks_k_when_n_clusters_is_none(toy):
     adata = toy.copy()
     scext.tl.scdefer(adata, **TINY)
     params = adata.uns["scdefer"]["params"]
-    assert params["init"] == "leiden" and params["n_clusters"] >= 2
+    assert params["center_init"] == "leiden" and params["n_clusters"] >= 2
     assert adata.obsm["scdefer_proba"].shape == (adata.n_obs, params["n_clusters"])
 
 
 def test_spectral_init_separates_planted_clusters(toy):
     adata = toy.copy()
-    scext.tl.scdefer(adata, 3, init="spectral", **{**SMALL, "n_epochs": 5})
-    assert adata.uns["scdefer"]["params"]["init"] == "spectral"
+    scext.tl.scdefer(adata, 3, center_init="spectral", **{**SMALL, "n_epochs": 5})
+    assert adata.uns["scdefer"]["params"]["center_init"] == "spectral"
     assert adjusted_rand_score(adata.obs["cell_type"], adata.obs["scdefer"]) > 0.9
 
 
@@ -226,8 +230,8 @@ BAD_INPUTS = {
     "float_clusters": (lambda a: a.copy(), {"n_clusters": 2.5}, "n_clusters"),
     "bool_clusters": (lambda a: a.copy(), {"n_clusters": True}, "n_clusters"),
     "too_many_clusters": (lambda a: a.copy(), {"n_clusters": 150}, "n_clusters"),
-    "alpha": (lambda a: a.copy(), {"alpha": 1.5}, "alpha"),
-    "init": (lambda a: a.copy(), {"init": "random"}, "init"),
+    "fusion_weight": (lambda a: a.copy(), {"fusion_weight": 1.5}, "fusion_weight"),
+    "center_init": (lambda a: a.copy(), {"center_init": "random"}, "center_init"),
     "gammas": (lambda a: a.copy(), {"gammas": (0.3, -0.1, 0.5, 0.1)}, "gammas"),
     "layer": (lambda a: a.copy(), {"layer": "missing"}, "layer"),
     "neighbors_key": (lambda a: a.copy(), {"neighbors_key": "missing"}, "sc.pp.neighbors"),
@@ -285,3 +289,216 @@ def test_zinb_nll_matches_scipy_and_target_sharpens():
     p = target_distribution(q)
     np.testing.assert_allclose(p.sum(dim=1), 1, atol=1e-6)
     assert p[0, 0] > q[0, 0] and p[1, 1] > q[1, 1]
+
+
+# ------------------------------------------------------------------ the model: save, load, new cells
+PAYLOAD_RAN = []
+
+
+class Payload:
+    """Unpickling this calls PAYLOAD_RAN.append: a stand-in for code a crafted model file would run."""
+
+    def __reduce__(self):
+        return (PAYLOAD_RAN.append, ("ran",))
+
+
+def split_80_20(adata, random_state=0):
+    """Reference (80 %) and query (20 %, genes shuffled, two extra genes of counts) of one data set."""
+    rng = np.random.default_rng(random_state)
+    is_query = np.zeros(adata.n_obs, dtype=bool)
+    is_query[rng.choice(adata.n_obs, adata.n_obs // 5, replace=False)] = True
+    reference, query = adata[~is_query].copy(), adata[is_query].copy()
+    extra = rng.poisson(2.0, size=(query.n_obs, 2)).astype(np.float32)
+    names = [*query.var_names, "extra_gene_1", "extra_gene_2"]
+    order = rng.permutation(len(names))
+    matrix = sp.hstack([query.X, sp.csr_matrix(extra)]).tocsr()[:, order]
+    query = ad.AnnData(matrix, obs=query.obs.copy(), var={"gene": np.asarray(names)[order]})
+    query.var_names = np.asarray(names)[order]
+    return reference, query
+
+
+@pytest.fixture(scope="module")
+def split():
+    reference, query = split_80_20(make_counts())
+    # 10 + 10 epochs separate these planted types already (ARI 1 on both parts)
+    scext.tl.scdefer(reference, 3, **{**SMALL, "n_pretrain_epochs": 10, "n_epochs": 10})
+    return reference, query, Scdefer.from_adata(reference)
+
+
+def test_saved_model_places_new_cells(split, tmp_path):
+    reference, query, model = split
+    assert model.reference.n_cells == reference.n_obs and model.categories == ["0", "1", "2"]
+    model.save(tmp_path)
+    loaded = Scdefer.load(tmp_path, adata=query)
+    assert loaded is not model and list(loaded.var_names) == list(model.var_names)
+    # the reloaded model embeds new cells exactly as the object that was trained
+    z = model.transform(query)
+    np.testing.assert_array_equal(loaded.transform(query), z)
+    new = query.copy()
+    scext.tl.scdefer_predict(new, loaded, device="cpu")
+    np.testing.assert_array_equal(new.obsm["X_scdefer"], z)
+    assert new.obsm["scdefer_proba"].shape == (new.n_obs, 3)
+    np.testing.assert_allclose(new.obsm["scdefer_proba"].sum(axis=1), 1, atol=1e-5)
+    labels = new.obs["scdefer"]
+    assert list(labels.cat.categories) == list(reference.obs["scdefer"].cat.categories)
+    assert adjusted_rand_score(new.obs["cell_type"], labels) >= 0.8
+    record = new.uns["scdefer_predict"]
+    assert list(record["categories"]) == ["0", "1", "2"]
+    assert record["params"]["n_reference_cells"] == reference.n_obs and record["params"]["device"] == "cpu"
+    # a new cell's Z does not depend on the other new cells, nor on how many are placed at once
+    np.testing.assert_allclose(model.transform(query[:5]), z[:5], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.transform(query, chunk_size=7), z, rtol=1e-5, atol=1e-5)
+
+
+def test_model_reproduces_its_training_clusters(split):
+    reference, _, model = split
+    reference_z, z = model.embed_reference_and_new(reference)
+    # every training cell is a reference cell: their Z is the training embedding
+    np.testing.assert_allclose(reference_z, reference.obsm["X_scdefer"], rtol=1e-5, atol=1e-6)
+    # and the training input is reproduced from the counts (normalisation, log1p, scaling)
+    matrix, columns = model.read_counts(reference)
+    np.testing.assert_array_equal(
+        model.input_rows(matrix, columns, 0, reference.n_obs), model.reference.features
+    )
+    labels, proba = model.predict(reference)
+    assert adjusted_rand_score(reference.obs["scdefer"], labels) >= 0.95
+    assert (
+        proba.shape == reference.obsm["scdefer_proba"].shape and z.shape == reference.obsm["X_scdefer"].shape
+    )
+
+
+def test_predict_with_the_model_of_a_read_h5ad(split, tmp_path):
+    reference, query, model = split
+    path = tmp_path / "reference.h5ad"
+    reference.write_h5ad(path)
+    reread = ad.read_h5ad(path)
+    new = query.copy()
+    scext.tl.scdefer_predict(new, reread, device="cpu", key_added="transfer")
+    np.testing.assert_array_equal(new.obsm["X_transfer"], model.transform(query))
+    assert "transfer" in new.obs and "transfer_proba" in new.obsm and "transfer_predict" in new.uns
+    # a copy leaves the input as it was
+    before = snapshot(query)
+    result = scext.tl.scdefer_predict(query, reread, device="cpu", copy=True)
+    assert_untouched(query, before)
+    assert "X_scdefer" in result.obsm
+
+
+def test_model_file_with_pickle_payload_is_not_executed(tmp_path):
+    torch.save({"header": Payload()}, tmp_path / Scdefer.file_name())
+    assert Scdefer.file_name() == "scdefer_model.pt"
+    with pytest.raises(ValueError, match="cannot be read safely|not a scext model"):
+        Scdefer.load(tmp_path)
+    assert PAYLOAD_RAN == []
+
+
+def test_file_of_another_model_class_names_both(tmp_path):
+    from scext.models import Kratos
+
+    Kratos([f"gene_{i}" for i in range(5)], ["a", "b"], hidden_sizes=(4,)).save(tmp_path / "kratos")
+    (tmp_path / Scdefer.file_name()).write_bytes((tmp_path / "kratos" / Kratos.file_name()).read_bytes())
+    with pytest.raises(ValueError, match="holds a Kratos model, not a Scdefer"):
+        Scdefer.load(tmp_path)
+
+
+def _edited(model, tmp_path, change):
+    model.save(tmp_path / "original")
+    saved = torch.load(tmp_path / "original" / Scdefer.file_name(), weights_only=True)
+    header = json.loads(saved["header"])
+    change(header)
+    saved["header"] = json.dumps(header)
+    torch.save(saved, tmp_path / Scdefer.file_name())
+    return tmp_path
+
+
+def test_other_major_version_names_both_versions(split, tmp_path):
+    folder = _edited(split[2], tmp_path, lambda header: header.update(scext_version="7.0.0"))
+    with pytest.raises(ValueError, match=rf"written by scext 7\.0\.0; this is scext {scext.__version__}"):
+        Scdefer.load(folder)
+
+
+def test_huge_header_is_refused_before_allocation(split, tmp_path):
+    def widen(header):
+        header["config"]["hidden_sizes"] = [10**6] * 3
+
+    folder = _edited(split[2], tmp_path, widen)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="do not match its header"):
+        Scdefer.load(folder)
+    # real 10^6-wide layers (and the 10^6 x 10^6 TAGConv maps) would take terabytes to allocate
+    assert time.perf_counter() - start < 5
+
+
+def _with_nan(adata):
+    adata = adata.copy()
+    adata.X = adata.X.toarray()
+    adata.X[2, 3] = np.nan
+    return adata
+
+
+PREDICT_BAD_INPUTS = {
+    "missing_genes": (lambda a: a[:, 10:].copy(), {}, "lacks"),
+    "nan": (_with_nan, {}, "NaN"),
+    "negative": (lambda a: _with_x(a, a.X.toarray() - 1), {}, "negative"),
+    "negative_even_if_allowed": (
+        lambda a: _with_x(a, a.X.toarray() - 1),
+        {"allow_noninteger": True},
+        "negative",
+    ),
+    "non_integer": (lambda a: _with_x(a, a.X * 0.5), {}, "non-integer"),
+    "cell_without_counts": (
+        lambda a: _with_x(a, sp.csr_matrix(np.vstack([np.zeros(a.n_vars), a.X.toarray()[1:]]))),
+        {},
+        "filter_cells",
+    ),
+    "no_cells": (lambda a: a[:0].copy(), {}, "no cells"),
+}
+
+
+@pytest.mark.parametrize("case", list(PREDICT_BAD_INPUTS))
+def test_predict_rejects_bad_input_untouched(split, case):
+    make, arguments, message = PREDICT_BAD_INPUTS[case]
+    adata = make(split[1])
+    before = snapshot(adata)
+    with pytest.raises(ValueError, match=message):
+        scext.tl.scdefer_predict(adata, split[2], device="cpu", **arguments)
+    assert_untouched(adata, before)
+
+
+def test_predict_accepts_corrected_counts_when_allowed(split):
+    adata = _with_x(split[1], split[1].X * 1.5)
+    scext.tl.scdefer_predict(adata, split[2], device="cpu", allow_noninteger=True)
+    assert np.isfinite(adata.obsm["X_scdefer"]).all()
+
+
+def test_renamed_arguments_warn_and_give_identical_results(toy):
+    new, old = toy.copy(), toy.copy()
+    scext.tl.scdefer(new, 3, fusion_weight=0.2, center_init="kmeans", keep_model=False, **TINY)
+    with pytest.warns(FutureWarning, match="'alpha' is renamed 'fusion_weight'"):
+        with pytest.warns(FutureWarning, match="'init' is renamed 'center_init'"):
+            scext.tl.scdefer(old, 3, alpha=0.2, init="kmeans", keep_model=False, **TINY)
+    for key in ("X_scdefer", "scdefer_proba"):
+        np.testing.assert_array_equal(old.obsm[key], new.obsm[key])
+    assert old.uns["scdefer"]["params"]["fusion_weight"] == 0.2
+    assert "model" not in old.uns["scdefer"] and "alpha" not in old.uns["scdefer"]["params"]
+    with pytest.raises(TypeError, match="both 'alpha' and its new name"):
+        scext.tl.scdefer(toy.copy(), 3, alpha=0.2, fusion_weight=0.2, **TINY)
+
+
+def test_placement_keeps_the_reference_cells_training_normalisation():
+    """New cells only receive: the reference rows of both normalised adjacencies are the training ones."""
+    from scext._utils._graph import edge_index
+    from scext.models._reference import ReferenceCells
+    from scext.models._scdefer import graph_operators
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(30, 4)).astype(np.float32)
+    graph = knn_graph(features, 5)
+    reference = ReferenceCells(features, graph, np.arange(30))
+    placement = reference.placement_graph(reference.neighbours(rng.normal(size=(6, 4)), 5))
+    assert placement[30:].sum(axis=1).min() == 5 and placement[:30, 30:].nnz == 0
+    for trained, placed in zip(
+        graph_operators(edge_index(graph), 30), graph_operators(edge_index(placement), 36), strict=True
+    ):
+        placed = placed.to_dense()
+        np.testing.assert_array_equal(placed[:30, :30], trained.to_dense())
+        assert (placed[:30, 30:] == 0).all() and (placed[30:, :30].sum(dim=1) > 0).all()

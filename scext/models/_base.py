@@ -16,6 +16,7 @@ asks for a layer a million wide fails with a clear error instead of allocating g
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 from collections.abc import Mapping, Sequence
@@ -59,6 +60,8 @@ class Model:
     tool: ClassVar[str] = "scext.tl"
     #: the method's name as its paper writes it, for messages
     method: ClassVar[str] = "scext"
+    #: modules to import before a module is built on the meta device (see `_check_shapes`)
+    imports_before_meta: ClassVar[tuple[str, ...]] = ()
     net: nn.Module
     var_names: pd.Index
     layer: str | None = None
@@ -168,7 +171,7 @@ class Model:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {
-            group: {k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in values.items()}
+            group: {k: torch.as_tensor(np.asarray(v, order="C")) for k, v in values.items()}
             for group, values in self._arrays().items()
         }
         torch.save({"header": json.dumps(self._header()), **tensors}, path)
@@ -238,6 +241,9 @@ class Model:
     @classmethod
     def _check_shapes(cls, config: dict, arrays: dict) -> None:
         """Build the module on the meta device (no memory) and compare its shapes with the stored weights."""
+        for module in cls.imports_before_meta:
+            # a library's first import must not create its module-level tensors on the meta device
+            importlib.import_module(module)
         try:
             with torch.device("meta"):
                 skeleton = cls._build_net(config, arrays)

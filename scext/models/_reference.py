@@ -3,7 +3,9 @@
 A graph encoder's output for a cell depends on its neighbours. For a new cell there is no training graph,
 so the graph models (`CellVGAE`, `Scdefer`) keep a seeded sample of their training cells: their model
 input (the scaled node features) and the training graph's edges among them. A new cell is attached to its
-`n_neighbors` nearest reference cells in that input space, as a receiver only: messages flow from the
+`n_neighbors` nearest reference cells, as a receiver only. The search runs in the input space (scDEFER's
+z-scored genes) or in the space the training graph was built in (CellVGAE's genes before min-max scaling,
+which would weigh noise genes like markers): messages flow from the
 reference cells to the new cell, never back, so the reference cells' outputs do not depend on which new
 cells are placed, and a batch of new cells gives each cell the same output as placing it alone.
 
@@ -59,24 +61,18 @@ class ReferenceCells:
         n_cells = graph.shape[0]
         if max_cells < 1:
             raise ValueError(f"max_reference_cells must be at least 1, got {max_cells}.")
-        rows = np.arange(n_cells) if n_cells <= max_cells else np.sort(rng.choice(n_cells, max_cells, replace=False))
+        rows = (
+            np.arange(n_cells)
+            if n_cells <= max_cells
+            else np.sort(rng.choice(n_cells, max_cells, replace=False))
+        )
         features = dense_rows(node_features, rows, torch.device("cpu")).numpy()
         return cls(features, graph[rows][:, rows], rows)
 
     # ------------------------------------------------------------------ placement
     def neighbours(self, new_features: np.ndarray, n_neighbors: int, metric: str = "euclidean") -> np.ndarray:
-        """Indices (new cells x k) of each new cell's nearest reference cells in the input space, nearest first.
-
-        ``metric="correlation"`` ranks by Pearson correlation (rows centred and scaled to unit norm).
-        """
-        from sklearn.neighbors import NearestNeighbors
-
-        k = min(int(n_neighbors), self.n_cells)
-        reference, new = self.features, np.asarray(new_features, dtype=np.float32)
-        if metric == "correlation":
-            reference, new = _unit_rows(reference), _unit_rows(new)
-        search = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(reference)
-        return search.kneighbors(new, return_distance=False).astype(np.int64)
+        """Indices (new cells x k) of each new cell's nearest reference cells in the input space, nearest first."""
+        return nearest_rows(self.features, new_features, n_neighbors, metric)
 
     def placement_graph(self, neighbours: np.ndarray) -> sp.csr_matrix:
         """Adjacency over ``[reference cells; new cells]`` whose row i lists the cells that send to cell i.
@@ -89,9 +85,11 @@ class ReferenceCells:
         n_total = n_reference + n_new
         new_rows = np.repeat(np.arange(n_reference, n_total), neighbours.shape[1])
         attach = sp.csr_matrix(
-            (np.ones(new_rows.size, dtype=np.float32), (new_rows, neighbours.ravel())), shape=(n_total, n_total)
+            (np.ones(new_rows.size, dtype=np.float32), (new_rows, neighbours.ravel())),
+            shape=(n_total, n_total),
         )
-        within = sp.csr_matrix(self.graph, shape=(n_total, n_total))
+        within = self.graph.copy()
+        within.resize((n_total, n_total))  # the reference graph, padded with the new cells' empty rows
         combined = (within + attach).tocsr()
         combined.data[:] = 1.0
         combined.sort_indices()
@@ -118,13 +116,37 @@ class ReferenceCells:
         return cls(features, graph, np.asarray(arrays["rows"]))
 
 
+def nearest_rows(
+    points: np.ndarray, queries: np.ndarray, n_neighbors: int, metric: str = "euclidean"
+) -> np.ndarray:
+    """Indices (queries x k) of each query's nearest rows of `points`, nearest first (exact search).
+
+    ``metric="correlation"`` ranks by Pearson correlation (rows centred and scaled to unit norm). A model
+    whose training graph was built in another space than its stored input (CellVGAE's min-max scaling)
+    passes the reference points in that space.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(int(n_neighbors), points.shape[0])
+    points, queries = np.asarray(points, dtype=np.float32), np.asarray(queries, dtype=np.float32)
+    if metric == "correlation":
+        points, queries = _unit_rows(points), _unit_rows(queries)
+    search = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(points)
+    return search.kneighbors(queries, return_distance=False).astype(np.int64)
+
+
 def _unit_rows(data: np.ndarray) -> np.ndarray:
     centred = data - data.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1, keepdims=True)
     return centred / np.where(norms > 0, norms, 1.0)
 
 
-def vote(reference_embedding: np.ndarray, reference_codes: np.ndarray, new_embedding: np.ndarray, n_neighbors: int = 15):
+def vote(
+    reference_embedding: np.ndarray,
+    reference_codes: np.ndarray,
+    new_embedding: np.ndarray,
+    n_neighbors: int = 15,
+):
     """Cluster codes of new cells by majority among their `n_neighbors` nearest reference cells in the embedding.
 
     Returns the winning code per new cell and the vote fractions (new cells x clusters); ties go to the

@@ -4,13 +4,34 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from anndata import AnnData
 from torch import nn
 
+from .._utils import (
+    ScaledColumns,
+    SelectedColumns,
+    column_mean_var,
+    is_integer_valued,
+    matrix_source,
+    resolve_device,
+    row_blocks,
+    stored_values,
+)
+from .._utils._arguments import renamed_arguments
+from .._utils._graph import edge_index, knn_graph
+from ..train import train_loop
+from ..train._graph_batches import CellGraph, graph_partition, partition_plan
+from ._base import Model
 from ._edges import edge_logits, sample_pairs
-from ._kmeans import student_t
+from ._kmeans import kmeans, student_t
+from ._reference import MAX_REFERENCE_CELLS, ReferenceCells
 
 # keep exp() of the ZINB heads finite in float32 (the DCA / scTAG clipping)
 MEAN_RANGE = (1e-5, 1e6)
@@ -21,9 +42,10 @@ EPS = 1e-10
 class ScdeferNet(nn.Module):
     """scDEFER's two fused encoders (eq. 1-6), heterogeneous fusion, ZINB decoder (eq. 7, 10-12), centres.
 
-    Layer l of both encoders reads the same fused input ``Z^l = alpha H_D^(l-1) + (1 - alpha) H_G^(l-1)``
-    (eq. 1, 4; ``Z^1`` is the expression itself): the fusion encoder applies a fully connected layer
-    (eq. 2), the graph encoder a TAGConv layer over ``D^-1/2 A D^-1/2`` with `hops` powers (eq. 3, 5-6).
+    Layer l of both encoders reads the same fused input ``Z^l = a H_D^(l-1) + (1 - a) H_G^(l-1)``, with
+    ``a`` = `fusion_weight` (the paper's alpha; eq. 1, 4; ``Z^1`` is the expression itself): the fusion
+    encoder applies a fully connected layer (eq. 2), the graph encoder a TAGConv layer over
+    ``D^-1/2 A D^-1/2`` with `hops` powers (eq. 3, 5-6).
     Hidden layers use ReLU; the last (latent) layer of each encoder is linear, so no latent dimension can
     die at zero. The fusion of ``Z_D`` and ``Z_G`` follows DFCN's cross-modality fusion, which the paper
     cites: ``Z_I = (Z_D + Z_G) / 2``, local ``Z_L = Â Z_I`` with ``Â = D^-1/2 (A + I) D^-1/2``, global
@@ -39,8 +61,9 @@ class ScdeferNet(nn.Module):
         Widths of the three encoder layers; the last is the latent size (the paper's 1024, 128, 24).
     decoder_sizes
         Hidden widths of the decoder from Z; the ZINB heads read the last (the mirror of the encoder).
-    alpha
-        Weight of the fully connected branch in the layer-wise fusion (eq. 4; the paper's 0.1).
+    fusion_weight
+        Weight of the fully connected branch in the layer-wise fusion (eq. 4; the paper's alpha, 0.1).
+        The old name ``alpha`` still works for one release, with a `FutureWarning`.
     hops
         M, the largest power of the normalised adjacency in each TAGConv layer (eq. 3).
     n_clusters
@@ -49,13 +72,14 @@ class ScdeferNet(nn.Module):
         Build the ZINB decoder; ``False`` is the paper's "without ZINB" ablation.
     """
 
+    @renamed_arguments(alpha="fusion_weight")
     def __init__(
         self,
         n_genes: int,
         *,
         hidden_sizes: Sequence[int] = (1024, 128, 24),
         decoder_sizes: Sequence[int] = (128, 1024),
-        alpha: float = 0.1,
+        fusion_weight: float = 0.1,
         hops: int = 3,
         n_clusters: int = 2,
         zinb: bool = True,
@@ -66,7 +90,7 @@ class ScdeferNet(nn.Module):
         hidden_sizes = [int(size) for size in hidden_sizes]
         if len(hidden_sizes) < 1:
             raise ValueError("hidden_sizes needs at least one layer (the latent one).")
-        self.alpha = float(alpha)
+        self.fusion_weight = float(fusion_weight)
         sizes = [n_genes, *hidden_sizes]
         self.dense = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         self.graph = nn.ModuleList(
@@ -86,13 +110,22 @@ class ScdeferNet(nn.Module):
             self.dispersion = nn.Linear(widths[-1], n_genes)
 
     def encode(
-        self, x: torch.Tensor, propagation: torch.Tensor, adjacency: torch.Tensor
+        self,
+        x: torch.Tensor,
+        propagation: torch.Tensor,
+        adjacency: torch.Tensor,
+        n_keys: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fused Z, fully connected Z_D and graph Z_G of every cell of `x`.
 
         `propagation` is the sparse ``D^-1/2 A D^-1/2`` of the TAGConv layers and `adjacency` the sparse
         ``D^-1/2 (A + I) D^-1/2`` of the fusion step (both from `normalized_adjacency`), over the cells of
         `x`: the whole graph or a minibatch's subgraph, within which the global attention then runs.
+
+        `n_keys`: only the first `n_keys` cells act as keys and values of the global attention (every cell
+        still queries them). With reference cells first and new cells after them, the reference cells' Z
+        then does not depend on the new cells, nor a new cell's Z on the other new cells. ``None`` (all
+        cells, as in training) is the same computation as before this argument existed.
         """
         fused = x
         last = len(self.dense) - 1
@@ -100,10 +133,11 @@ class ScdeferNet(nn.Module):
             h_d, h_g = dense(fused), graph(fused, propagation)
             if index < last:
                 h_d, h_g = F.relu(h_d), F.relu(h_g)
-                fused = self.alpha * h_d + (1 - self.alpha) * h_g
+                fused = self.fusion_weight * h_d + (1 - self.fusion_weight) * h_g
         z_local = torch.sparse.mm(adjacency, (h_d + h_g) / 2)
         query = z_local.unsqueeze(0)
-        z_global = F.scaled_dot_product_attention(query, query, query, scale=1.0).squeeze(0)
+        keys = query if n_keys is None else query[:, : int(n_keys)]
+        z_global = F.scaled_dot_product_attention(query, keys, keys, scale=1.0).squeeze(0)
         return z_local + self.beta * z_global, h_d, h_g
 
     def decode(self, z: torch.Tensor, size_factors: torch.Tensor):
@@ -124,10 +158,21 @@ def normalized_adjacency(edge_index: torch.Tensor, n_cells: int, *, self_loops: 
 
     Built once per fit: TAGConv then propagates by one sparse-dense product per hop instead of gathering
     an edges x features message tensor (about 10x faster on the CPU at 2,000 input genes).
+
+    `edge_index` holds (receiving cell, sending cell) pairs: the COO of an adjacency A whose row i lists
+    the cells that send to i, which is how both TAGConv and the fusion's ``torch.sparse.mm`` read the
+    matrix (output row i sums over row i). D is the in-degree (row sums of A), counted where the messages
+    arrive (gcn_norm's ``flow="target_to_source"`` on this layout), and the weight of j -> i is
+    ``D_ii^-1/2 D_jj^-1/2``. For the symmetric training graphs this is exactly the symmetric
+    normalisation. For new cells attached as receivers to reference cells (`Scdefer.transform`) no edge
+    arrives at a reference cell from a new cell, so every reference cell keeps its training in-degree and
+    every edge among reference cells its training weight.
     """
     from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
-    edges, weights = gcn_norm(edge_index, num_nodes=n_cells, add_self_loops=self_loops)
+    edges, weights = gcn_norm(
+        edge_index, num_nodes=n_cells, add_self_loops=self_loops, flow="target_to_source"
+    )
     matrix = torch.sparse_coo_tensor(edges, weights, (n_cells, n_cells), check_invariants=False)
     with warnings.catch_warnings():  # CSR is what torch-geometric's spmm expects; its "beta" notice is noise
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -187,3 +232,640 @@ def soft_bce(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def kl_target(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Eq. 18: KL(P || Q), summed over clusters, mean over cells."""
     return F.kl_div(torch.log(q + EPS), p, reduction="batchmean")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model class: genes, preprocessing, network, reference cells; training and placement of new cells
+
+CPU = torch.device("cpu")
+#: the z-scored input is clipped to +-this (`sc.pp.scale`'s max_value)
+MAX_SCALED = 10.0
+CENTER_INITS = ("kmeans", "spectral")
+
+
+def graph_operators(edges: torch.Tensor, n_cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The TAGConv propagation ``D^-1/2 A D^-1/2`` and the fusion's ``D^-1/2 (A + I) D^-1/2`` of `edges`.
+
+    `edges` are (receiver, sender) pairs (`normalized_adjacency`); this is the `graph_inputs` of the
+    `scext.train._graph_batches.CellGraph` that scDEFER trains on.
+    """
+    return (
+        normalized_adjacency(edges, n_cells, self_loops=False),
+        normalized_adjacency(edges, n_cells, self_loops=True),
+    )
+
+
+class ScdeferTraining(NamedTuple):
+    """What `Scdefer.fit` returns besides the trained model: history and the training cells' outputs."""
+
+    history: dict[str, list[float]]
+    embedding: np.ndarray
+    proba: np.ndarray
+    labels: pd.Categorical
+    means: np.ndarray | None
+    center_init: str
+    n_parts: int
+
+
+class Scdefer(Model):
+    """A trained (or to-be-trained) scDEFER model: genes, preprocessing, network with centres, reference cells.
+
+    Usually built by `scext.tl.scdefer`, which stores it in ``adata.uns[key]["model"]``; get it back with
+    `Scdefer.from_adata`, or `save` / `load` it to a folder (`scext.models.Model`). `transform` gives new
+    cells' Z, `predict` their clusters (`scext.tl.scdefer_predict` writes both into an AnnData).
+
+    New cells are preprocessed exactly as the training cells were: each cell's counts are scaled to the
+    training normalisation target (`normalization_target`, the median total count of the training cells,
+    which ``sc.pp.normalize_total`` used) by its own total over **all genes of the AnnData** (as in
+    training, where the totals were taken before selecting the modelled genes), log1p-transformed,
+    restricted to the modelled genes, z-scored with the training cells' per-gene mean and standard
+    deviation and clipped at +-10. Extra genes of a new AnnData therefore enter each cell's total; give it
+    the genes the training data had for totals on the same footing.
+
+    Placing new cells. A cell's Z depends on its graph neighbours through the TAGConv layers and the local
+    fusion, and on all cells of its graph through the global attention of the fusion. The model keeps
+    reference cells (`scext.models._reference.ReferenceCells`): every training cell up to
+    `max_reference_cells` (default 5,000), else a seeded sample of that many, with their model input (the
+    scaled modelled genes) and the training graph's edges among them. A new cell is attached to its
+    `n_neighbors` nearest reference cells (Euclidean, in that scaled input space; the training graph was
+    built on the unscaled log-normalised genes or taken from ``neighbors_key``, so placement approximates
+    it) as a receiver only: messages flow from reference cells to the new cell, never back, and in the
+    global attention only the reference cells serve as keys and values. The reference cells' Z is thus the
+    same whichever new cells are placed, and a new cell's Z does not depend on the other new cells. When
+    every training cell is kept and training was full-graph, the reference cells' Z equals the training
+    embedding (up to float rounding; after minibatch training the training Z came from batches of parts).
+    `predict` assigns each new cell to its most probable centre (Q, eq. 16) among the clusters
+    that training cells occupied.
+
+    On disk (and in ``adata.uns``): the weights are 4 bytes per parameter. At the defaults (2,000 genes,
+    encoder 1024-128-24, decoder 128-1024, 3 hops) that is about 17.2 million parameters, 69 MB, most of
+    them in the TAGConv layers (4 linear maps each) and the three ZINB heads (1024 x genes each). The
+    reference adds ``cells x genes x 4`` bytes plus 16 bytes per directed edge and 8 per cell: about 41 MB
+    at 5,000 cells x 2,000 genes and k = 10, so about 110 MB in all. Lower `max_reference_cells`
+    (`scext.tl.scdefer`) for smaller files, at the cost of a coarser placement.
+
+    Parameters
+    ----------
+    var_names
+        Modelled genes, in order.
+    layer, use_raw
+        Where the model reads counts in an AnnData (as in `scext.tl.scdefer`).
+    hidden_sizes, decoder_sizes, fusion_weight, hops, n_clusters, zinb
+        The architecture (`ScdeferNet`).
+    n_neighbors
+        Reference cells each new cell is attached to (the k of the training graph).
+    normalization_target
+        The total count every cell is scaled to before log1p (set by `scext.tl.scdefer`).
+    categories
+        The clusters the training cells occupy (``"0"`` ... ``"K-1"`` less the empty ones); set by `fit`.
+    """
+
+    name = "scdefer"
+    tool = "scext.tl.scdefer"
+    method = "scDEFER"
+    imports_before_meta = ("torch_geometric.nn",)
+
+    def __init__(
+        self,
+        var_names: Sequence[str],
+        *,
+        layer: str | None = None,
+        use_raw: bool = False,
+        hidden_sizes: Sequence[int] = (1024, 128, 24),
+        decoder_sizes: Sequence[int] = (128, 1024),
+        fusion_weight: float = 0.1,
+        hops: int = 3,
+        n_clusters: int = 2,
+        zinb: bool = True,
+        n_neighbors: int = 10,
+        normalization_target: float | None = None,
+        categories: Sequence[str] | None = None,
+    ):
+        if int(n_neighbors) < 1:
+            raise ValueError(f"n_neighbors={n_neighbors} must be at least 1.")
+        self.var_names = pd.Index([str(g) for g in var_names])
+        self.layer = layer
+        self.use_raw = bool(use_raw)
+        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        self.decoder_sizes = tuple(int(h) for h in decoder_sizes)
+        self.fusion_weight = float(fusion_weight)
+        self.hops = int(hops)
+        self.n_clusters = int(n_clusters)
+        self.zinb = bool(zinb)
+        self.n_neighbors = int(n_neighbors)
+        self.normalization_target = None if normalization_target is None else float(normalization_target)
+        self.categories = None if categories is None else [str(c) for c in categories]
+        self.net = ScdeferNet(
+            len(self.var_names),
+            hidden_sizes=self.hidden_sizes,
+            decoder_sizes=self.decoder_sizes,
+            fusion_weight=self.fusion_weight,
+            hops=self.hops,
+            n_clusters=self.n_clusters,
+            zinb=self.zinb,
+        )
+        # set by fit_scaler / fit (or load): the per-gene z-score and the reference cells
+        self.center: np.ndarray | None = None
+        self.scale: np.ndarray | None = None
+        self.reference: ReferenceCells | None = None
+
+    # ------------------------------------------------------------------ preprocessing
+    def fit_scaler(self, log_expression) -> None:
+        """Per-gene mean and standard deviation (ddof 1, as ``sc.pp.scale``) of the training cells'
+        log-normalised modelled genes, streamed in row blocks; a constant gene gets scale 1."""
+        mean, var = column_mean_var(log_expression, ddof=1)
+        self.center = np.asarray(mean, dtype=np.float32)
+        std = np.sqrt(var)
+        self.scale = np.where(std > 0, std, 1.0).astype(np.float32)
+
+    def scaled(self, log_expression) -> ScaledColumns:
+        """The model input of log-normalised modelled genes, z-scored and clipped a block of rows at a time."""
+        if self.center is None:
+            raise ValueError("The scaler is not fitted; call fit_scaler (or scext.tl.scdefer) first.")
+        return ScaledColumns(log_expression, self.center, self.scale, max_value=MAX_SCALED)
+
+    def read_counts(self, adata: AnnData, *, allow_noninteger: bool = False):
+        """The AnnData's counts over all its genes, and the positions of the model's genes among them.
+
+        Every check on the input runs here, before any computation: the model's genes must all be present
+        (`aligned_matrix`), values finite, non-negative and (unless `allow_noninteger`) whole, every cell
+        must have counts, and there must be at least one cell.
+        """
+        self._check_trained()
+        if adata.n_obs == 0:
+            raise ValueError(
+                f"The AnnData has no cells; there is nothing for the {self.method} model to embed."
+            )
+        aligned = self.aligned_matrix(adata)  # missing or duplicated genes, NaN or inf (get_matrix)
+        if isinstance(aligned, SelectedColumns):
+            matrix, columns = aligned.matrix, np.asarray(aligned.columns)
+        else:
+            matrix, columns = aligned, np.arange(aligned.shape[1])
+        check_counts(matrix, matrix_source(self.layer, self.use_raw), allow_noninteger, genes=False)
+        return matrix, columns
+
+    def input_rows(self, matrix, columns: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """The model input (float32, cells x modelled genes) of rows ``start:stop`` of a counts matrix.
+
+        Normalised by each cell's total over all columns of `matrix` to `normalization_target`, log1p,
+        restricted to `columns` (the modelled genes), z-scored and clipped as the training input was. Row
+        by row the same operations as in training (``sc.pp.normalize_total`` and ``sc.pp.log1p`` on a
+        float32 CSR copy), so a training cell's input is reproduced exactly.
+        """
+        import scanpy as sc
+
+        block = matrix[start:stop]
+        work = AnnData(sp.csr_matrix(block, dtype=np.float32, copy=True))
+        sc.pp.normalize_total(work, target_sum=self.normalization_target)
+        sc.pp.log1p(work)
+        log_expression = work.X[:, columns]
+        return self.scaled(log_expression)[np.arange(stop - start)]
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        log_expression,
+        counts,
+        size_factors: np.ndarray,
+        graph: sp.csr_matrix,
+        *,
+        gammas: Sequence[float] = (0.3, 0.1, 0.5, 0.1),
+        n_pretrain_epochs: int = 250,
+        n_epochs: int = 250,
+        pretrain_lr: float = 1e-4,
+        lr: float = 1e-4,
+        update_interval: int = 5,
+        center_init: str = "kmeans",
+        denoised: bool = True,
+        training: str = "full",
+        batch_size: int = 8192,
+        max_reference_cells: int = MAX_REFERENCE_CELLS,
+        device: str | torch.device = CPU,
+        generator: torch.Generator | None = None,
+        random_state: int = 0,
+        progress_bar: bool | None = None,
+    ) -> ScdeferTraining:
+        """Pretrain, start the centres, train jointly with target refreshes; keep the reference cells.
+
+        Parameters
+        ----------
+        log_expression
+            Training cells x modelled genes, log-normalised (CSR or dense); the scaler is fitted on it
+            unless `fit_scaler` was called.
+        counts
+            Training cells x modelled genes of raw counts for the ZINB likelihood (None without ZINB).
+        size_factors
+            Each training cell's total count over the median total (float32).
+        graph
+            The symmetric training cell graph (CSR, no self-loops).
+        center_init
+            ``"kmeans"`` or ``"spectral"`` on the pretrained Z with ``n_clusters`` centres, or
+            ``"leiden"``: K and centres from Leiden clusters of the pretrained Z.
+        denoised
+            Also return the ZINB means of the training cells (with ZINB only).
+        training, batch_size
+            ``"full"`` graph, or Cluster-GCN ``"minibatch"`` of about `batch_size` cells.
+        generator
+            Orders the minibatches (seeded by `scext.tl.scdefer` apart from the global stream, which draws
+            the weights and the random pairs of the graph loss).
+
+        The other arguments are those of `scext.tl.scdefer`. Returns the history and the training cells'
+        Z, Q, clusters and (optionally) ZINB means; the model keeps the centres, the clusters the training
+        cells occupy (`categories`) and the reference cells.
+        """
+        device = resolve_device(device)
+        if center_init not in (*CENTER_INITS, "leiden"):
+            raise ValueError(f"center_init={center_init!r} is unknown; choose 'kmeans' or 'spectral'.")
+        g_graph, g_zinb, g_kl, g_bce = (float(g) for g in gammas)
+        zinb = self.zinb
+        n_cells = graph.shape[0]
+        if self.center is None:
+            self.fit_scaler(log_expression)
+        features = self.scaled(log_expression)
+        n_parts, parts_per_batch, parts = 1, 1, None
+        if training == "minibatch":
+            n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
+            parts = graph_partition(log_expression, n_parts, random_state=random_state)
+        # whole: dense on the device; minibatches: a batch at a time (counts densified there too)
+        cells = CellGraph(
+            features,
+            counts if zinb else None,
+            size_factors,
+            graph,
+            device,
+            parts=parts,
+            parts_per_batch=parts_per_batch,
+            generator=generator,
+            graph_inputs=graph_operators,
+        )
+        del counts  # whole-graph training holds them dense on the device now
+        net = self.net.to(device)
+
+        def reconstruction(z: torch.Tensor, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            _, y, sf, (edges, _, _), _ = batch
+            terms = {"graph": graph_reconstruction_loss(z, edges)}
+            loss = g_graph * terms["graph"]
+            if zinb:
+                terms["zinb"] = zinb_nll(y, *net.decode(z, sf))
+                loss = loss + g_zinb * terms["zinb"]
+            return loss, terms
+
+        def encode(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            x, _, _, (_, propagation, adjacency), _ = batch
+            return net.encode(x, propagation, adjacency)
+
+        def pretrain_step(batch):
+            loss, terms = reconstruction(encode(batch)[0], batch)
+            return {"loss": loss, **terms}
+
+        history = {}
+        if n_pretrain_epochs:
+            pretrained = train_loop(
+                net,
+                torch.optim.Adam(net.parameters(), lr=pretrain_lr),
+                step=pretrain_step,
+                batches=cells.training_batches,
+                n_epochs=n_pretrain_epochs,
+                progress_bar=progress_bar,
+                description="scDEFER pretraining",
+            )
+            history.update({f"pretrain_{name}": values for name, values in pretrained.items()})
+            _check_finite_history(pretrained, "pretraining", "pretrain_lr", pretrain_lr)
+
+        (z,) = cells.map(lambda batch: encode(batch)[:1], device)
+        if center_init == "leiden":
+            centers = _cluster_means(z, _leiden_codes(z, random_state))
+            if centers.shape[0] < 2:
+                raise ValueError(
+                    "Leiden found a single cluster in the pretrained embedding; pass n_clusters."
+                )
+            net.centers = torch.nn.Parameter(centers.detach().clone())
+        elif center_init == "spectral":
+            centers = _cluster_means(z, _spectral_codes(z, self.n_clusters, random_state))
+            net.set_centers(centers)
+        else:
+            kmeans_generator = torch.Generator(device=device)
+            kmeans_generator.manual_seed(int(random_state))
+            centers, _ = kmeans(z, self.n_clusters, n_init=10, generator=kmeans_generator)
+            net.set_centers(centers)
+        del z
+        self.n_clusters = int(net.centers.shape[0])
+
+        targets: dict[str, object] = {"epoch": 0}
+
+        def joint_step(batch):
+            z, z_d, z_g = encode(batch)
+            q, q_d, q_g = soft_assignments(net, z, z_d, z_g)
+            index = batch[-1]
+            if index is None:  # the whole graph: this step's Q is every cell's, no extra pass needed
+                if targets["epoch"] % update_interval == 0:
+                    targets["p"] = tuple(target_distribution(t.detach()) for t in (q, q_d, q_g))
+                targets["epoch"] += 1
+                p, p_d, p_g = targets["p"]
+            else:
+                p, p_d, p_g = (t[index] for t in targets["p"])
+            loss, terms = reconstruction(z, batch)
+            terms.update(kl=kl_target(q, p), bce_d=soft_bce(q_d, p_d), bce_g=soft_bce(q_g, p_g))
+            loss = loss + g_kl * terms["kl"] + g_bce * (terms["bce_d"] + terms["bce_g"])
+            return {"loss": loss, **terms}
+
+        def joint_batches():
+            if training == "minibatch":
+                # P divides by the soft cluster frequencies, which only Q of all cells gives
+                if targets["epoch"] % update_interval == 0:
+                    q = cells.map(lambda batch: soft_assignments(net, *encode(batch)), device)
+                    targets["p"] = tuple(target_distribution(t) for t in q)
+                targets["epoch"] += 1
+            return cells.training_batches()
+
+        if n_epochs:
+            joint = train_loop(
+                net,
+                torch.optim.Adam(net.parameters(), lr=lr),
+                step=joint_step,
+                batches=joint_batches,
+                n_epochs=n_epochs,
+                progress_bar=progress_bar,
+                description="scDEFER",
+            )
+            history.update(joint)
+            _check_finite_history(joint, "joint training", "lr", lr)
+
+        def outputs(batch):
+            z, z_d, z_g = encode(batch)
+            q = soft_assignments(net, z, z_d, z_g)[0]
+            return (z, q, net.decode(z, batch[2])[1]) if zinb and denoised else (z, q)
+
+        results = [value.numpy() for value in cells.map(outputs, CPU)]
+        embedding, proba = results[:2]
+        means = results[2] if len(results) > 2 else None
+        labels = pd.Categorical.from_codes(
+            proba.argmax(axis=1), categories=[str(k) for k in range(self.n_clusters)]
+        ).remove_unused_categories()
+        self.categories = [str(c) for c in labels.categories]
+        self.reference = ReferenceCells.sample(
+            features, graph, max_reference_cells, np.random.default_rng(random_state)
+        )
+        return ScdeferTraining(history, embedding, proba, labels, means, center_init, n_parts)
+
+    # ------------------------------------------------------------------ new cells
+    def _check_trained(self) -> None:
+        if (
+            self.center is None
+            or self.reference is None
+            or self.normalization_target is None
+            or self.categories is None
+        ):
+            raise ValueError("This Scdefer model is not trained; call scext.tl.scdefer (or fit) first.")
+
+    def embed_counts(
+        self, matrix, columns: np.ndarray, *, device: str | torch.device = CPU, chunk_size: int = 4096
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Z of the reference cells, and Z and Q of every row of a counts matrix (from `read_counts`).
+
+        `chunk_size` new cells are placed among the reference cells and encoded at once (the reference
+        cells are encoded with every chunk); results do not depend on it beyond float rounding.
+        """
+        self._check_trained()
+        if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size!r} must be a positive int.")
+        device = resolve_device(device)
+        net = self.net.to(device).eval()
+        reference = self.reference
+        n_reference, n_new = reference.n_cells, matrix.shape[0]
+        reference_x = torch.from_numpy(reference.features).to(device)
+        z_reference, z_new, q_new = None, [], []
+        with torch.no_grad():
+            for start in range(0, n_new, chunk_size):
+                new = self.input_rows(matrix, columns, start, min(start + chunk_size, n_new))
+                placement = reference.placement_graph(reference.neighbours(new, self.n_neighbors))
+                x = torch.cat([reference_x, torch.from_numpy(new).to(device)])
+                operators = graph_operators(edge_index(placement, device), x.shape[0])
+                z = net.encode(x, *operators, n_keys=n_reference)[0]
+                q = student_t(z[n_reference:], net.centers)
+                if z_reference is None:
+                    z_reference = z[:n_reference].cpu().numpy()
+                z_new.append(z[n_reference:].cpu())
+                q_new.append(q.cpu())
+        return z_reference, torch.cat(z_new).numpy(), torch.cat(q_new).numpy()
+
+    def embed_reference_and_new(
+        self,
+        adata: AnnData,
+        *,
+        device: str | torch.device = CPU,
+        chunk_size: int = 4096,
+        allow_noninteger: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Z of the reference cells and of the cells of `adata`, placed as the class docstring describes."""
+        matrix, columns = self.read_counts(adata, allow_noninteger=allow_noninteger)
+        z_reference, z, _ = self.embed_counts(matrix, columns, device=device, chunk_size=chunk_size)
+        return z_reference, z
+
+    def transform(
+        self,
+        adata: AnnData,
+        *,
+        device: str | torch.device = CPU,
+        chunk_size: int = 4096,
+        allow_noninteger: bool = False,
+    ) -> np.ndarray:
+        """Z of every cell of `adata` (raw counts; genes matched by name), placed among the reference cells.
+
+        Each cell is normalised by its total count over all genes of `adata`, as in training (the class
+        docstring). `allow_noninteger` accepts non-integer counts, as in `scext.tl.scdefer`.
+        """
+        return self.embed_reference_and_new(
+            adata, device=device, chunk_size=chunk_size, allow_noninteger=allow_noninteger
+        )[1]
+
+    def labels(self, proba: np.ndarray) -> pd.Categorical:
+        """Clusters from Q: the most probable centre among those training cells occupy (`categories`)."""
+        self._check_trained()
+        occupied = np.asarray([int(c) for c in self.categories])
+        codes = np.asarray(proba)[:, occupied].argmax(axis=1)
+        return pd.Categorical.from_codes(codes, categories=self.categories)
+
+    def embed_and_predict(
+        self,
+        adata: AnnData,
+        *,
+        device: str | torch.device = CPU,
+        chunk_size: int = 4096,
+        allow_noninteger: bool = False,
+    ) -> tuple[np.ndarray, pd.Categorical, np.ndarray]:
+        """Z, clusters and Q of every cell of `adata` (see `transform` and `predict`)."""
+        matrix, columns = self.read_counts(adata, allow_noninteger=allow_noninteger)
+        _, z, proba = self.embed_counts(matrix, columns, device=device, chunk_size=chunk_size)
+        return z, self.labels(proba), proba
+
+    def predict(
+        self,
+        adata: AnnData,
+        *,
+        device: str | torch.device = CPU,
+        chunk_size: int = 4096,
+        allow_noninteger: bool = False,
+    ) -> tuple[pd.Categorical, np.ndarray]:
+        """Clusters (categorical over the training clusters) and Q (cells x all K centres) of `adata`'s cells.
+
+        The cluster is the argmax of Q (eq. 16) against the learned centres, among the clusters that
+        training cells occupy; a centre no training cell chose is never predicted.
+        """
+        _, labels, proba = self.embed_and_predict(
+            adata, device=device, chunk_size=chunk_size, allow_noninteger=allow_noninteger
+        )
+        return labels, proba
+
+    # ------------------------------------------------------------------ persistence
+    def _config(self) -> dict:
+        return {
+            "var_names": list(self.var_names),
+            "layer": self.layer,
+            "use_raw": self.use_raw,
+            "hidden_sizes": list(self.hidden_sizes),
+            "decoder_sizes": list(self.decoder_sizes),
+            "fusion_weight": self.fusion_weight,
+            "hops": self.hops,
+            "n_clusters": self.n_clusters,
+            "zinb": self.zinb,
+            "n_neighbors": self.n_neighbors,
+            "normalization_target": self.normalization_target,
+            "categories": None if self.categories is None else list(self.categories),
+        }
+
+    def _arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        self._check_trained()
+        return {
+            "state_dict": self._state_arrays(),
+            "scaler": {"center": np.asarray(self.center), "scale": np.asarray(self.scale)},
+            "reference": self.reference.to_arrays(),
+        }
+
+    @classmethod
+    def _build_net(cls, config: dict, arrays: dict) -> nn.Module:
+        return ScdeferNet(
+            len(config["var_names"]),
+            hidden_sizes=config["hidden_sizes"],
+            decoder_sizes=config["decoder_sizes"],
+            fusion_weight=config["fusion_weight"],
+            hops=config["hops"],
+            n_clusters=config["n_clusters"],
+            zinb=config["zinb"],
+        )
+
+    @classmethod
+    def _build(cls, config: dict, arrays: dict) -> Scdefer:
+        for group in ("scaler", "reference"):
+            if group not in arrays:
+                raise ValueError(f"The stored Scdefer model has no {group!r}; it cannot place new cells.")
+        # the weights are loaded next: build the module without memory, then give it storage uninitialised
+        with torch.device("meta"):
+            model = cls(**config)
+        model.net = model.net.to_empty(device=CPU)
+        n_genes = len(model.var_names)
+        center = np.asarray(arrays["scaler"]["center"], dtype=np.float32)
+        scale = np.asarray(arrays["scaler"]["scale"], dtype=np.float32)
+        if center.shape != (n_genes,) or scale.shape != (n_genes,) or not (scale > 0).all():
+            raise ValueError(
+                f"The stored Scdefer scaler does not hold a positive scale per gene ({n_genes})."
+            )
+        reference = ReferenceCells.from_arrays(arrays["reference"])
+        if reference.features.shape[1] != n_genes or len(reference.rows) != reference.n_cells:
+            raise ValueError("The stored Scdefer reference cells do not match the model's genes.")
+        target = model.normalization_target
+        if target is None or not np.isfinite(target) or target <= 0:
+            raise ValueError(f"The stored Scdefer normalization_target {target!r} is not a positive number.")
+        categories = model.categories or []
+        if not categories or any(not c.isdigit() or int(c) >= model.n_clusters for c in categories):
+            raise ValueError(
+                f"The stored Scdefer categories {categories} do not name its {model.n_clusters} centres."
+            )
+        model.center, model.scale, model.reference = center, scale, reference
+        model._load_weights(arrays["state_dict"])
+        return model
+
+
+def check_counts(matrix, source: str, allow_noninteger: bool, *, genes: bool = True) -> None:
+    """Raw counts only: the ZINB likelihood is undefined for negative and meaningless for scaled values.
+
+    Every cell needs counts (its size factor and normalisation divide by its total); with `genes` (the
+    training data) every gene too. Streamed in row blocks, so a backed matrix is never loaded whole.
+    """
+    low, whole = np.inf, True
+    empty_cells = 0
+    gene_totals = np.zeros(matrix.shape[1])
+    for _, block in row_blocks(matrix):
+        values = stored_values(block)
+        if values.size:
+            low = min(low, float(values.min()))
+            whole = whole and (allow_noninteger or is_integer_valued(block))
+        empty_cells += int((np.asarray(block.sum(axis=1)).ravel() == 0).sum())
+        if genes:
+            gene_totals += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
+    if low < 0:
+        raise ValueError(
+            f"{source} holds negative values; scdefer needs raw counts. Pass the raw-count layer "
+            "(layer='counts') or use_raw=True if adata.raw holds the counts."
+        )
+    if not whole:
+        raise ValueError(
+            f"{source} holds non-integer values (normalised or log data?); scdefer needs raw counts. Pass "
+            "the raw-count layer (layer='counts'), or allow_noninteger=True if these are corrected counts."
+        )
+    if empty_cells:
+        raise ValueError(
+            f"{empty_cells} cell(s) of {source} have no counts; their size factor is 0. "
+            "Remove them first: sc.pp.filter_cells(adata, min_counts=1)."
+        )
+    if genes and (gene_totals == 0).any():
+        raise ValueError(
+            f"{int((gene_totals == 0).sum())} gene(s) of {source} have no counts in any cell. Remove them "
+            "first: sc.pp.filter_genes(adata, min_counts=1)."
+        )
+
+
+def _check_finite_history(history: dict, stage: str, argument: str, rate: float) -> None:
+    if not np.isfinite(history["loss"]).all():
+        raise FloatingPointError(
+            f"scDEFER's {stage} diverged (non-finite loss at {argument}={rate:g}); lower {argument}. "
+            "adata was not modified."
+        )
+
+
+def _leiden_codes(z: torch.Tensor, random_state: int) -> np.ndarray:
+    """Leiden clusters (resolution 1) of Z's unweighted 15-NN graph: K and centres when n_clusters is None."""
+    import scanpy as sc
+
+    embedding = z.cpu().numpy()
+    n_cells = embedding.shape[0]
+    graph = knn_graph(embedding, min(15, n_cells - 1), random_state=random_state)
+    work = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(n_cells)]))
+    sc.tl.leiden(
+        work, adjacency=graph, random_state=random_state, flavor="igraph", n_iterations=2, directed=False
+    )
+    return work.obs["leiden"].astype(int).to_numpy()
+
+
+def _spectral_codes(z: torch.Tensor, n_clusters: int, random_state: int) -> np.ndarray:
+    """Spectral clustering of Z on its symmetrised 10-NN affinity (scikit-learn)."""
+    from sklearn.cluster import SpectralClustering
+
+    n_cells = z.shape[0]
+    spectral = SpectralClustering(
+        n_clusters,
+        affinity="nearest_neighbors",
+        n_neighbors=min(10, n_cells - 1),
+        assign_labels="cluster_qr",
+        random_state=random_state,
+    )
+    return spectral.fit_predict(z.cpu().numpy())
+
+
+def _cluster_means(z: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
+    """Mean of Z over each cluster (codes 0 .. K-1; a cluster without cells keeps a zero centre)."""
+    codes = torch.from_numpy(np.asarray(codes, dtype=np.int64)).to(z.device)
+    n_clusters = int(codes.max()) + 1
+    sums = torch.zeros(n_clusters, z.shape[1], device=z.device, dtype=z.dtype).index_add_(0, codes, z)
+    sizes = torch.bincount(codes, minlength=n_clusters).clamp_min(1).to(z.dtype)
+    return sums / sizes[:, None]

@@ -9,40 +9,18 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .. import __version__
-from .._utils import (
-    ScaledColumns,
-    column_mean_var,
-    dense_columns,
-    get_matrix,
-    is_integer_valued,
-    matrix_source,
-    resolve_device,
-    seed_everything,
-    stored_values,
-)
-from .._utils._graph import edge_index, knn_graph, neighbors_graph
-from ..models._kmeans import kmeans
-from ..models._scdefer import (
-    ScdeferNet,
-    graph_reconstruction_loss,
-    kl_target,
-    normalized_adjacency,
-    soft_assignments,
-    soft_bce,
-    target_distribution,
-    zinb_nll,
-)
-from ..train import dense_rows, train_loop
-from ..train._graph_batches import (
-    graph_partition,
-    graph_training_mode,
-    induced_edges,
-    partition_batches,
-    partition_plan,
-)
+from .._docs import doc_params
+from .._utils import dense_columns, get_matrix, matrix_source, resolve_device, seed_everything
+from .._utils._arguments import renamed_arguments
+from .._utils._graph import knn_graph, neighbors_graph
+from ..models._base import params_record
+from ..models._reference import MAX_REFERENCE_CELLS
+from ..models._scdefer import CENTER_INITS, Scdefer, check_counts
+from ..train._graph_batches import graph_training_mode
 
 
+@renamed_arguments(alpha="fusion_weight", init="center_init")
+@doc_params
 def scdefer(
     adata: AnnData,
     n_clusters: int | None = None,
@@ -55,7 +33,7 @@ def scdefer(
     n_neighbors: int = 10,
     hidden_sizes: Sequence[int] = (1024, 128, 24),
     decoder_sizes: Sequence[int] = (128, 1024),
-    alpha: float = 0.1,
+    fusion_weight: float = 0.1,
     hops: int = 3,
     zinb: bool = True,
     denoised: bool = True,
@@ -65,12 +43,14 @@ def scdefer(
     pretrain_lr: float = 1e-4,
     lr: float = 1e-4,
     update_interval: int = 5,
-    init: str = "kmeans",
+    center_init: str = "kmeans",
     training: str = "auto",
     batch_size: int = 8192,
     device: str | torch.device = "auto",
     random_state: int = 0,
     progress_bar: bool | None = None,
+    keep_model: bool = True,
+    max_reference_cells: int = MAX_REFERENCE_CELLS,
     key_added: str = "scdefer",
     copy: bool = False,
 ) -> AnnData | None:
@@ -78,12 +58,14 @@ def scdefer(
 
     scDEFER (single-cell deep embedding fusion representation, paper 004) runs a fully connected encoder
     and a TAGConv graph encoder side by side over a kNN cell graph, feeding every layer of both the same
-    mix ``alpha H_D + (1 - alpha) H_G`` of their previous outputs (eq. 1-6), fuses their latents into Z,
-    and decodes Z into the parameters of a zero-inflated negative binomial (eq. 7-15). It is pretrained on
-    the ZINB likelihood of the counts and on the reconstruction of the graph by ``sigmoid(Z Z^T)``; then
-    K-means centres on Z start a joint training (eq. 21) that adds KL(P || Q) on Z and the cross-entropy of
-    Q^D, Q^G on Z_D, Z_G against their sharpened targets (eq. 16-20). Clusters are the argmax of Q. No
-    label is ever read.
+    mix ``a H_D + (1 - a) H_G`` (a = `fusion_weight`, the paper's alpha) of their previous outputs (eq.
+    1-6), fuses their latents into Z, and decodes Z into the parameters of a zero-inflated negative
+    binomial (eq. 7-15). It is pretrained on the ZINB likelihood of the counts and on the reconstruction
+    of the graph by ``sigmoid(Z Z^T)``; then K-means centres on Z start a joint training (eq. 21) that
+    adds KL(P || Q) on Z and the cross-entropy of Q^D, Q^G on Z_D, Z_G against their sharpened targets
+    (eq. 16-20). Clusters are the argmax of Q. No label is ever read. The trained model
+    (`scext.models.Scdefer`) is kept in ``uns[key_added]["model"]``; `scext.tl.scdefer_predict` places
+    new cells with it.
 
     Training is full-graph (one step per epoch) while the graph fits, with the cells x modelled genes
     matrices (scaled input, counts) dense on the device. Beyond that (see `training`) it takes Cluster-GCN
@@ -112,8 +94,8 @@ def scdefer(
     n_clusters
         K. ``None`` takes the number of Leiden clusters (resolution 1, unweighted 15-NN graph) of the
         pretrained Z and starts the centres at their means, instead of K-means.
-    layer, use_raw
-        Read counts from ``adata.layers[layer]`` or ``adata.raw`` instead of ``adata.X``.
+    {layer}
+        scDEFER reads raw counts there.
     allow_noninteger
         Proceed on non-integer values that you know to be counts on the count scale (e.g. ambient-RNA
         corrected); the ZINB likelihood is then evaluated at non-integer points. Negative values are never
@@ -125,11 +107,13 @@ def scdefer(
         Use the edges of an existing ``sc.pp.neighbors`` graph instead of building a kNN graph on the
         log-normalised expression of the modelled genes.
     n_neighbors
-        k of the graph built here (the paper's 10).
+        k of the graph built here (the paper's 10); also the number of reference cells each new cell is
+        attached to by `scext.tl.scdefer_predict`.
     hidden_sizes, decoder_sizes
         Encoder widths (last = latent; the paper's 1024, 128, 24) and decoder hidden widths from Z.
-    alpha
-        Layer-wise fusion weight of the fully connected branch (eq. 4; the paper's 0.1).
+    fusion_weight
+        Layer-wise fusion weight of the fully connected branch (eq. 4; the paper's alpha, 0.1). Formerly
+        ``alpha``, which still works for one release with a `FutureWarning`.
     hops
         M, powers of the normalised adjacency in each TAGConv layer (eq. 3); the paper gives no value, 3 is
         torch-geometric's default.
@@ -149,20 +133,29 @@ def scdefer(
         Learning rates of the two stages.
     update_interval
         Recompute the target distributions P, P^D, P^G from the current Q every this many epochs.
-    init
+    center_init
         How the K centres start on the pretrained Z (the paper's "K-means (or spectral)"): ``"kmeans"``
         (10 k-means++ seedings, lowest inertia) or ``"spectral"`` (scikit-learn's spectral clustering on a
-        10-NN affinity of Z; centres are its clusters' means). Ignored when `n_clusters` is None.
+        10-NN affinity of Z; centres are its clusters' means). Ignored when `n_clusters` is None. Formerly
+        ``init``, which still works for one release with a `FutureWarning`.
     training
         ``"full"`` graph, Cluster-GCN ``"minibatch"``, or ``"auto"``: full up to 50,000 cells.
     batch_size
         Cells per minibatch, approximately (parts vary in size). At least the number of cells gives one
         batch of all cells, which trains exactly as ``"full"`` does.
-    device, random_state, progress_bar
-        As everywhere in scext. On the CPU the same `random_state` gives the same numbers; on CUDA the
-        scatter operations of the graph layers are not bit-reproducible.
-    key_added, copy
-        Prefix of every slot written; return a copy instead of writing to `adata`.
+    {device}
+    {random_state}
+        For scDEFER on CUDA, the scatter operations of the graph layers are what is not bit-reproducible.
+    {progress_bar}
+    {keep_model}
+        At the defaults (2,000 modelled genes) the scDEFER model takes about 110 MB: 69 MB of weights
+        (17.2 million parameters) and up to `max_reference_cells` training cells' input (41 MB at 5,000
+        cells). `scext.models.Scdefer` describes what it holds.
+    max_reference_cells
+        Training cells the model keeps to place new cells (all of them when there are at most this many,
+        else a sample seeded by `random_state`); see `scext.models.Scdefer`.
+    {key_added}
+    {copy}
 
     Returns
     -------
@@ -181,17 +174,18 @@ def scdefer(
     ``var["<key_added>_modelled"]``
         Whether a gene was modelled (a highly variable gene).
     ``uns[key_added]``
-        ``params`` (every argument, resolved device and training mode, scext version, n_genes, n_edges,
-        n_parts, init method),
+        ``params`` (every argument, then the resolved ``n_clusters`` and ``center_init``, device and
+        training mode, ``input``, ``n_genes``, ``graph_source``, ``n_edges``, ``n_parts``, scext version),
         ``history`` (per epoch: ``pretrain_loss``, ``pretrain_graph``, ``pretrain_zinb``, then ``loss``,
         ``graph``, ``zinb``, ``kl``, ``bce_d``, ``bce_g`` of joint training), ``n_clusters``, ``beta`` (the
-        learned weight of the global fusion term).
+        learned weight of the global fusion term) and, with `keep_model`, ``model``.
     """
+    arguments = dict(locals())
     start = logg.info("training scDEFER")
     torch_device = resolve_device(device)
     gammas = _check_arguments(
         n_clusters,
-        alpha,
+        fusion_weight,
         gammas,
         zinb,
         n_pretrain_epochs,
@@ -200,15 +194,17 @@ def scdefer(
         lr,
         update_interval,
         hops,
-        init,
+        center_init,
     )
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if not _is_int(max_reference_cells) or max_reference_cells < 1:
+        raise ValueError(f"max_reference_cells must be a positive int, got {max_reference_cells!r}.")
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
     source = matrix_source(layer, use_raw)
     n_cells, n_genes = matrix.shape
     mode = graph_training_mode(training, n_cells)
-    _check_counts(matrix, source, allow_noninteger)
+    check_counts(matrix, source, allow_noninteger)
     if n_clusters is not None and n_clusters >= n_cells:
         raise ValueError(f"n_clusters={n_clusters} must be below the number of cells ({n_cells}).")
     if neighbors_key is None and not 1 <= n_neighbors < n_cells:
@@ -229,6 +225,10 @@ def scdefer(
     totals = np.asarray(matrix.sum(axis=1)).ravel()
     size_factors = (totals / np.median(totals)).astype(np.float32)
     work = AnnData(sp.csr_matrix(matrix, dtype=np.float32, copy=True))
+    # the target sc.pp.normalize_total takes below: the median of the float32 totals (kept for new cells)
+    normalization_target = float(
+        np.median(np.asarray(work.X.sum(axis=1, dtype=np.float64)).ravel().astype(np.float32))
+    )
     sc.pp.normalize_total(work)
     sc.pp.log1p(work)
     if n_top_genes is None or n_top_genes >= n_genes:
@@ -246,153 +246,57 @@ def scdefer(
         graph_source = f"{n_neighbors}-NN graph of the log-normalised modelled genes"
     else:
         graph_source = f"sc.pp.neighbors graph {neighbors_key!r}"
-    mean, var = column_mean_var(log_expression, ddof=1)
-    features = ScaledColumns(log_expression, mean, np.sqrt(var), max_value=10)
-    n_parts, parts_per_batch, parts = 1, 1, None
-    if mode == "minibatch":
-        n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
-        parts = graph_partition(log_expression, n_parts, random_state=random_state)
-    counts = None
-    if zinb:  # densified by _CellGraph: whole for full-graph training, else a minibatch at a time
-        counts = matrix if len(genes) == n_genes else matrix[:, genes]
-
     # the minibatch order has its own generator: the global stream (weights, random pairs) then draws the
     # same numbers in both modes, and one batch of all cells reproduces full-graph training
     _, order_generator = seed_everything(random_state)
-    cells = _CellGraph(
-        features,
-        counts,
-        size_factors,
-        cell_graph,
-        torch_device,
-        parts=parts,
-        parts_per_batch=parts_per_batch,
-        generator=order_generator,
-    )
-    del features, counts
-    net = ScdeferNet(
-        len(genes),
+    model = Scdefer(
+        var_names[genes],
+        layer=layer,
+        use_raw=use_raw,
         hidden_sizes=hidden_sizes,
         decoder_sizes=decoder_sizes,
-        alpha=alpha,
+        fusion_weight=fusion_weight,
         hops=hops,
         n_clusters=n_clusters or 1,
         zinb=zinb,
-    ).to(torch_device)
-    g_graph, g_zinb, g_kl, g_bce = gammas
-
-    def reconstruction(z: torch.Tensor, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        _, y, sf, (edges, _, _), _ = batch
-        terms = {"graph": graph_reconstruction_loss(z, edges)}
-        loss = g_graph * terms["graph"]
-        if zinb:
-            terms["zinb"] = zinb_nll(y, *net.decode(z, sf))
-            loss = loss + g_zinb * terms["zinb"]
-        return loss, terms
-
-    def encode(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, _, _, (_, propagation, adjacency), _ = batch
-        return net.encode(x, propagation, adjacency)
-
-    def pretrain_step(batch):
-        loss, terms = reconstruction(encode(batch)[0], batch)
-        return {"loss": loss, **terms}
-
-    history = {}
-    if n_pretrain_epochs:
-        pretrained = train_loop(
-            net,
-            torch.optim.Adam(net.parameters(), lr=pretrain_lr),
-            step=pretrain_step,
-            batches=cells.training_batches,
-            n_epochs=n_pretrain_epochs,
-            progress_bar=progress_bar,
-            description="scDEFER pretraining",
-        )
-        history.update({f"pretrain_{name}": values for name, values in pretrained.items()})
-        _check_finite_history(pretrained, "pretraining", "pretrain_lr", pretrain_lr)
-
-    (z,) = cells.map(lambda batch: encode(batch)[:1], torch_device)
-    if n_clusters is None:
-        init = "leiden"
-        centers = _cluster_means(z, _leiden_codes(z, random_state))
-        n_clusters = centers.shape[0]
-        if n_clusters < 2:
-            raise ValueError("Leiden found a single cluster in the pretrained embedding; pass n_clusters.")
-        net.centers = torch.nn.Parameter(centers.detach().clone())
-    elif init == "spectral":
-        centers = _cluster_means(z, _spectral_codes(z, int(n_clusters), random_state))
-        net.set_centers(centers)
-    else:
-        generator = torch.Generator(device=torch_device)
-        generator.manual_seed(int(random_state))
-        centers, _ = kmeans(z, int(n_clusters), n_init=10, generator=generator)
-        net.set_centers(centers)
-    del z
-
-    targets: dict[str, object] = {"epoch": 0}
-
-    def joint_step(batch):
-        z, z_d, z_g = encode(batch)
-        q, q_d, q_g = soft_assignments(net, z, z_d, z_g)
-        index = batch[-1]
-        if index is None:  # the whole graph: this step's Q is every cell's, no extra pass needed
-            if targets["epoch"] % update_interval == 0:
-                targets["p"] = tuple(target_distribution(t.detach()) for t in (q, q_d, q_g))
-            targets["epoch"] += 1
-            p, p_d, p_g = targets["p"]
-        else:
-            p, p_d, p_g = (t[index] for t in targets["p"])
-        loss, terms = reconstruction(z, batch)
-        terms.update(kl=kl_target(q, p), bce_d=soft_bce(q_d, p_d), bce_g=soft_bce(q_g, p_g))
-        loss = loss + g_kl * terms["kl"] + g_bce * (terms["bce_d"] + terms["bce_g"])
-        return {"loss": loss, **terms}
-
-    def joint_batches():
-        if mode == "minibatch":
-            # P divides by the soft cluster frequencies, which only Q of all cells gives
-            if targets["epoch"] % update_interval == 0:
-                q = cells.map(lambda batch: soft_assignments(net, *encode(batch)), torch_device)
-                targets["p"] = tuple(target_distribution(t) for t in q)
-            targets["epoch"] += 1
-        return cells.training_batches()
-
-    if n_epochs:
-        joint = train_loop(
-            net,
-            torch.optim.Adam(net.parameters(), lr=lr),
-            step=joint_step,
-            batches=joint_batches,
-            n_epochs=n_epochs,
-            progress_bar=progress_bar,
-            description="scDEFER",
-        )
-        history.update(joint)
-        _check_finite_history(joint, "joint training", "lr", lr)
-
-    def outputs(batch):
-        z, z_d, z_g = encode(batch)
-        q = soft_assignments(net, z, z_d, z_g)[0]
-        return (z, q, net.decode(z, batch[2])[1]) if zinb and denoised else (z, q)
-
-    results = [value.numpy() for value in cells.map(outputs, torch.device("cpu"))]
-    embedding, proba = results[:2]
-    means = results[2] if len(results) > 2 else None
-    codes = proba.argmax(axis=1)
-    beta = float(net.beta.detach())
-    labels = pd.Categorical.from_codes(codes, categories=[str(k) for k in range(n_clusters)])
-    labels = labels.remove_unused_categories()
-    modelled_names = var_names[genes]
+        n_neighbors=n_neighbors,
+        normalization_target=normalization_target,
+    )
+    model.fit_scaler(log_expression)
+    result = model.fit(
+        log_expression,
+        # counts of the modelled genes, densified by CellGraph: whole for full-graph training (this sparse
+        # copy is then dropped), else a minibatch at a time
+        (matrix if len(genes) == n_genes else matrix[:, genes]) if zinb else None,
+        size_factors,
+        cell_graph,
+        gammas=gammas,
+        n_pretrain_epochs=n_pretrain_epochs,
+        n_epochs=n_epochs,
+        pretrain_lr=pretrain_lr,
+        lr=lr,
+        update_interval=update_interval,
+        center_init="leiden" if n_clusters is None else center_init,
+        denoised=denoised,
+        training=mode,
+        batch_size=batch_size,
+        max_reference_cells=max_reference_cells,
+        device=torch_device,
+        generator=order_generator,
+        random_state=random_state,
+        progress_bar=progress_bar,
+    )
+    labels, means = result.labels, result.means
 
     if copy:
         adata = adata.copy()
-    rows = adata.var_names.get_indexer(modelled_names)
+    rows = adata.var_names.get_indexer(model.var_names)
     found = rows >= 0  # with use_raw, genes of raw that adata.var lacks have no row
     modelled = np.zeros(adata.n_vars, dtype=bool)
     modelled[rows[found]] = True
-    adata.obsm[f"X_{key_added}"] = embedding
+    adata.obsm[f"X_{key_added}"] = result.embedding
     adata.obs[key_added] = pd.Categorical(labels, categories=labels.categories)
-    adata.obsm[f"{key_added}_proba"] = proba
+    adata.obsm[f"{key_added}_proba"] = result.proba
     adata.var[f"{key_added}_modelled"] = modelled
     if means is not None:
         if found.all() and np.array_equal(rows, np.arange(adata.n_vars)):
@@ -402,42 +306,26 @@ def scdefer(
             layer_values[:, rows[found]] = means[:, found]
         adata.layers[f"{key_added}_denoised"] = layer_values
     adata.uns[key_added] = {
-        "params": {
-            "n_clusters": int(n_clusters),
-            "init": init,
-            "layer": layer,
-            "use_raw": bool(use_raw),
-            "input": source,
-            "allow_noninteger": bool(allow_noninteger),
-            "n_top_genes": n_top_genes,
-            "n_genes": len(genes),
-            "neighbors_key": neighbors_key,
-            "graph_source": graph_source,
-            "n_neighbors": int(n_neighbors),
-            "n_edges": int(cell_graph.nnz),
-            "hidden_sizes": np.asarray(hidden_sizes, dtype=np.int64),
-            "decoder_sizes": np.asarray(decoder_sizes, dtype=np.int64),
-            "alpha": float(alpha),
-            "hops": int(hops),
-            "zinb": bool(zinb),
-            "denoised": bool(denoised),
-            "gammas": np.asarray(gammas, dtype=np.float64),
-            "n_pretrain_epochs": int(n_pretrain_epochs),
-            "n_epochs": int(n_epochs),
-            "pretrain_lr": float(pretrain_lr),
-            "lr": float(lr),
-            "update_interval": int(update_interval),
-            "training": mode,
-            "batch_size": int(batch_size),
-            "n_parts": int(n_parts),
-            "device": str(torch_device),
-            "random_state": int(random_state),
-            "scext_version": __version__,
-        },
-        "history": {name: np.asarray(values) for name, values in history.items()},
+        "params": params_record(
+            scdefer,
+            arguments,
+            n_clusters=model.n_clusters,
+            center_init=result.center_init,
+            gammas=gammas,
+            input=source,
+            n_genes=len(genes),
+            graph_source=graph_source,
+            n_edges=int(cell_graph.nnz),
+            training=mode,
+            n_parts=result.n_parts,
+            device=torch_device,
+        ),
+        "history": {name: np.asarray(values) for name, values in result.history.items()},
         "n_clusters": int(len(labels.categories)),
-        "beta": beta,
+        "beta": float(model.net.beta.detach()),
     }
+    if keep_model:
+        adata.uns[key_added]["model"] = model.to_dict()
     logg.info(
         f"    finished ({len(labels.categories)} clusters)",
         time=start,
@@ -451,73 +339,88 @@ def scdefer(
     return adata if copy else None
 
 
-class _CellGraph:
-    """The model's inputs for the whole cell graph, or for Cluster-GCN minibatches of its parts.
+@doc_params
+def scdefer_predict(
+    adata: AnnData,
+    model: Scdefer | AnnData,
+    *,
+    key: str = "scdefer",
+    allow_noninteger: bool = False,
+    device: str | torch.device = "auto",
+    chunk_size: int = 4096,
+    key_added: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Embed new cells with a trained scDEFER model and assign them to its clusters.
 
-    A batch is ``(x, counts, size_factors, (edges, propagation, adjacency), index)``: the rows of its cells
-    on the device, the edges among them (renumbered) with their normalised adjacencies, and the cells'
-    positions in the graph (``None`` for the whole graph). Without `parts` the whole graph moves to the
-    device once; with `parts` the cells x genes inputs stay on the host (sparse when the input is) and
-    move a batch at a time.
+    Each new cell is preprocessed as the training cells were (normalised by its total count over all genes
+    of `adata` to the training target, log1p, z-scored with the training statistics), attached as a
+    receiver to its nearest reference cells of the model and encoded (`scext.models.Scdefer` describes
+    how). Its cluster is the argmax of its soft assignment Q to the learned centres.
+
+    Parameters
+    ----------
+    adata
+        New cells x genes of raw counts, read from the model's layer (or ``raw``). Must hold every
+        modelled gene; extra genes are ignored for the model input but count towards each cell's total,
+        as all genes of the training data did.
+    {predict_model}
+    allow_noninteger
+        Accept non-integer values that are counts on the count scale, as in `scext.tl.scdefer`.
+    {device}
+    chunk_size
+        New cells placed and encoded at once (with all reference cells); results do not depend on it
+        beyond float rounding.
+    {copy}
+
+    Returns
+    -------
+    `None`, or the copy when ``copy=True``. Writes:
+
+    ``obsm["X_<key_added>"]``
+        Z of every cell.
+    ``obs["<key_added>"]``
+        Clusters (categorical with the reference's categories).
+    ``obsm["<key_added>_proba"]``
+        Q: soft assignment to each of the K centres, columns as in the reference's proba matrix.
+    ``uns["<key_added>_predict"]``
+        ``params`` (the arguments, resolved device, number of reference cells and of neighbours),
+        ``categories``.
     """
-
-    def __init__(self, features, counts, size_factors, graph, device, *, parts, parts_per_batch, generator):
-        self.features, self.counts, self.graph, self.device = features, counts, graph, device
-        self.size_factors = torch.from_numpy(size_factors).to(device)
-        self.n_cells = len(size_factors)
-        self.parts, self.parts_per_batch, self.generator = parts, parts_per_batch, generator
-        self.whole = None
-        if parts is None:
-            x = dense_rows(features, np.arange(self.n_cells), device)
-            y = None if counts is None else dense_rows(counts, np.arange(self.n_cells), device)
-            edges = edge_index(graph, device)
-            self.whole = (x, y, self.size_factors, self._graph(edges, self.n_cells), None)
-            self.features = self.counts = None
-
-    def training_batches(self):
-        """One epoch: the whole graph, or `parts_per_batch` random parts at a time (every part once)."""
-        if self.whole is not None:
-            return [self.whole]
-        batches = partition_batches(self.parts, self.parts_per_batch, generator=self.generator)
-        return (self._batch(cells, counts=True) for cells in batches)
-
-    @torch.no_grad()
-    def map(self, function, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """`function` of every batch (tensors with a row per batch cell), as tensors in cell order.
-
-        Minibatches are the parts `parts_per_batch` at a time in a fixed order, every cell once.
-        """
-        if self.whole is not None:
-            return tuple(value.to(device) for value in function(self.whole))
-        outputs = None
-        for cells in partition_batches(self.parts, self.parts_per_batch, shuffle=False):
-            batch = self._batch(cells, counts=False)
-            values = function(batch)
-            if outputs is None:
-                outputs = [
-                    torch.empty((self.n_cells, *value.shape[1:]), dtype=value.dtype, device=device)
-                    for value in values
-                ]
-            rows = batch[-1].to(device)
-            for output, value in zip(outputs, values, strict=True):
-                output[rows] = value.to(device)
-        return tuple(outputs)
-
-    @staticmethod
-    def _graph(edges: torch.Tensor, n_cells: int):
-        """Edges with the TAGConv propagation ``D^-1/2 A D^-1/2`` and the fusion's ``D^-1/2 (A + I) D^-1/2``."""
-        return (
-            edges,
-            normalized_adjacency(edges, n_cells, self_loops=False),
-            normalized_adjacency(edges, n_cells, self_loops=True),
-        )
-
-    def _batch(self, cells: np.ndarray, *, counts: bool):
-        index = torch.from_numpy(cells).to(self.device)
-        edges = induced_edges(self.graph, cells).to(self.device)
-        y = dense_rows(self.counts, cells, self.device) if counts and self.counts is not None else None
-        x = dense_rows(self.features, cells, self.device)
-        return (x, y, self.size_factors[index], self._graph(edges, len(cells)), index)
+    arguments = dict(locals())
+    key_added = key if key_added is None else key_added
+    start = logg.info("embedding cells with a trained scDEFER model")
+    torch_device = resolve_device(device)
+    reference = model
+    model = Scdefer.resolve(model, key)
+    embedding, labels, proba = model.embed_and_predict(
+        adata, device=torch_device, chunk_size=chunk_size, allow_noninteger=allow_noninteger
+    )
+    if copy:
+        adata = adata.copy()
+    adata.obsm[f"X_{key_added}"] = embedding
+    adata.obs[key_added] = labels
+    adata.obsm[f"{key_added}_proba"] = proba
+    colors = reference.uns.get(f"{key}_colors") if isinstance(reference, AnnData) else None
+    if colors is not None and len(colors) == len(model.categories):
+        adata.uns[f"{key_added}_colors"] = list(colors)
+    adata.uns[f"{key_added}_predict"] = {
+        "params": params_record(
+            scdefer_predict,
+            arguments,
+            key_added=key_added,
+            device=torch_device,
+            n_reference_cells=model.reference.n_cells,
+            n_neighbors=model.n_neighbors,
+        ),
+        "categories": np.asarray(model.categories, dtype=object),
+    }
+    logg.info(
+        "    finished",
+        time=start,
+        deep=f"added 'X_{key_added}', '{key_added}', '{key_added}_proba' (adata.obsm, adata.obs)",
+    )
+    return adata if copy else None
 
 
 def _is_int(value) -> bool:
@@ -525,17 +428,27 @@ def _is_int(value) -> bool:
 
 
 def _check_arguments(
-    n_clusters, alpha, gammas, zinb, n_pretrain_epochs, n_epochs, pretrain_lr, lr, update_interval, hops, init
+    n_clusters,
+    fusion_weight,
+    gammas,
+    zinb,
+    n_pretrain_epochs,
+    n_epochs,
+    pretrain_lr,
+    lr,
+    update_interval,
+    hops,
+    center_init,
 ) -> tuple[float, float, float, float]:
-    if init not in ("kmeans", "spectral"):
-        raise ValueError(f"init={init!r} is unknown; choose 'kmeans' or 'spectral'.")
+    if center_init not in CENTER_INITS:
+        raise ValueError(f"center_init={center_init!r} is unknown; choose 'kmeans' or 'spectral'.")
     if n_clusters is not None and (not _is_int(n_clusters) or n_clusters < 2):
         raise ValueError(
             f"n_clusters must be an int of at least 2 (or None to take the number of Leiden clusters); "
             f"got {n_clusters!r}."
         )
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha={alpha} must be in [0, 1] (the paper uses 0.1).")
+    if not 0 <= fusion_weight <= 1:
+        raise ValueError(f"fusion_weight={fusion_weight} must be in [0, 1] (the paper's alpha is 0.1).")
     gammas = tuple(float(g) for g in gammas)
     if len(gammas) != 4 or min(gammas) < 0:
         raise ValueError(
@@ -556,76 +469,3 @@ def _check_arguments(
     if not _is_int(hops) or hops < 0:
         raise ValueError(f"hops must be a non-negative int, got {hops!r}.")
     return gammas
-
-
-def _check_counts(matrix, source: str, allow_noninteger: bool) -> None:
-    """Raw counts only: the ZINB likelihood is undefined for negative and meaningless for scaled values."""
-    values = stored_values(matrix)
-    if values.size and values.min() < 0:
-        raise ValueError(
-            f"{source} holds negative values; scdefer needs raw counts. Pass the raw-count layer "
-            "(layer='counts') or use_raw=True if adata.raw holds the counts."
-        )
-    if not allow_noninteger and values.size and not is_integer_valued(values):
-        raise ValueError(
-            f"{source} holds non-integer values (normalised or log data?); scdefer needs raw counts. Pass "
-            "the raw-count layer (layer='counts'), or allow_noninteger=True if these are corrected counts."
-        )
-    totals_cells = np.asarray(matrix.sum(axis=1)).ravel()
-    if (totals_cells == 0).any():
-        raise ValueError(
-            f"{int((totals_cells == 0).sum())} cell(s) of {source} have no counts; their size factor is 0. "
-            "Remove them first: sc.pp.filter_cells(adata, min_counts=1)."
-        )
-    totals_genes = np.asarray(matrix.sum(axis=0)).ravel()
-    if (totals_genes == 0).any():
-        raise ValueError(
-            f"{int((totals_genes == 0).sum())} gene(s) of {source} have no counts in any cell. Remove them "
-            "first: sc.pp.filter_genes(adata, min_counts=1)."
-        )
-
-
-def _check_finite_history(history: dict, stage: str, argument: str, rate: float) -> None:
-    if not np.isfinite(history["loss"]).all():
-        raise FloatingPointError(
-            f"scDEFER's {stage} diverged (non-finite loss at {argument}={rate:g}); lower {argument}. "
-            "adata was not modified."
-        )
-
-
-def _leiden_codes(z: torch.Tensor, random_state: int) -> np.ndarray:
-    """Leiden clusters (resolution 1) of Z's unweighted 15-NN graph: K and centres when n_clusters is None."""
-    import scanpy as sc
-
-    embedding = z.cpu().numpy()
-    n_cells = embedding.shape[0]
-    graph = knn_graph(embedding, min(15, n_cells - 1), random_state=random_state)
-    work = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(n_cells)]))
-    sc.tl.leiden(
-        work, adjacency=graph, random_state=random_state, flavor="igraph", n_iterations=2, directed=False
-    )
-    return work.obs["leiden"].astype(int).to_numpy()
-
-
-def _spectral_codes(z: torch.Tensor, n_clusters: int, random_state: int) -> np.ndarray:
-    """Spectral clustering of Z on its symmetrised 10-NN affinity (scikit-learn)."""
-    from sklearn.cluster import SpectralClustering
-
-    n_cells = z.shape[0]
-    spectral = SpectralClustering(
-        n_clusters,
-        affinity="nearest_neighbors",
-        n_neighbors=min(10, n_cells - 1),
-        assign_labels="cluster_qr",
-        random_state=random_state,
-    )
-    return spectral.fit_predict(z.cpu().numpy())
-
-
-def _cluster_means(z: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
-    """Mean of Z over each cluster (codes 0 .. K-1; a cluster without cells keeps a zero centre)."""
-    codes = torch.from_numpy(np.asarray(codes, dtype=np.int64)).to(z.device)
-    n_clusters = int(codes.max()) + 1
-    sums = torch.zeros(n_clusters, z.shape[1], device=z.device, dtype=z.dtype).index_add_(0, codes, z)
-    sizes = torch.bincount(codes, minlength=n_clusters).clamp_min(1).to(z.dtype)
-    return sums / sizes[:, None]

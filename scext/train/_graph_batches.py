@@ -10,11 +10,14 @@ the batches from epoch to epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from .._utils._graph import edge_index
+from ._data import dense_rows
 
 # cells whose coordinates are used to fit the projection and the K-means of the partition
 PARTITION_SAMPLE = 50_000
@@ -128,3 +131,98 @@ def halo_edges(graph: sp.csr_matrix, targets: np.ndarray) -> tuple[np.ndarray, t
     local_sources = order[np.searchsorted(nodes[order], sources)]
     edges = torch.from_numpy(np.vstack([local_sources, local_targets]).astype(np.int64))
     return nodes, edges
+
+
+class CellGraph:
+    """A graph model's inputs for the whole cell graph, or for Cluster-GCN minibatches of its parts.
+
+    A batch is ``(x, counts, size_factors, (edges, *graph_inputs(edges, n)), index)``: the rows of its
+    cells on the device, the edges among them (renumbered; row 0 the receiving cell, row 1 the sending
+    one, as the COO of an adjacency whose row i lists the cells that send to i) with whatever the model
+    derives from them (`graph_inputs`, e.g. normalised adjacencies), and the cells' positions in the graph
+    (``None`` for the whole graph). Without `parts` the whole graph moves to the device once; with `parts`
+    the cells x genes inputs stay on the host (sparse when the input is) and move a batch at a time.
+
+    Parameters
+    ----------
+    features
+        Cells x input features, read by rows (dense, CSR, or a lazy reader such as
+        `scext._utils.ScaledColumns`).
+    counts
+        Cells x genes read by rows for a count likelihood, or None.
+    size_factors
+        One float32 per cell.
+    graph
+        Cells x cells adjacency (CSR).
+    parts, parts_per_batch, generator
+        Part of every cell (`graph_partition`), parts joined per minibatch, and the generator that orders
+        the parts of each epoch; ``parts=None`` for whole-graph training.
+    graph_inputs
+        ``(edges, n_cells) -> tuple`` of tensors the model needs besides the edges; none by default.
+    """
+
+    def __init__(
+        self,
+        features,
+        counts,
+        size_factors: np.ndarray,
+        graph: sp.csr_matrix,
+        device: torch.device,
+        *,
+        parts: np.ndarray | None = None,
+        parts_per_batch: int = 1,
+        generator: torch.Generator | None = None,
+        graph_inputs: Callable[[torch.Tensor, int], tuple] | None = None,
+    ):
+        self.features, self.counts, self.graph, self.device = features, counts, graph, device
+        self.size_factors = torch.from_numpy(size_factors).to(device)
+        self.n_cells = len(size_factors)
+        self.parts, self.parts_per_batch, self.generator = parts, parts_per_batch, generator
+        self.graph_inputs = graph_inputs
+        self.whole = None
+        if parts is None:
+            x = dense_rows(features, np.arange(self.n_cells), device)
+            y = None if counts is None else dense_rows(counts, np.arange(self.n_cells), device)
+            edges = edge_index(graph, device)
+            self.whole = (x, y, self.size_factors, self._graph(edges, self.n_cells), None)
+            self.features = self.counts = None
+
+    def training_batches(self):
+        """One epoch: the whole graph, or `parts_per_batch` random parts at a time (every part once)."""
+        if self.whole is not None:
+            return [self.whole]
+        batches = partition_batches(self.parts, self.parts_per_batch, generator=self.generator)
+        return (self._batch(cells, counts=True) for cells in batches)
+
+    @torch.no_grad()
+    def map(self, function, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """`function` of every batch (tensors with a row per batch cell), as tensors in cell order.
+
+        Minibatches are the parts `parts_per_batch` at a time in a fixed order, every cell once.
+        """
+        if self.whole is not None:
+            return tuple(value.to(device) for value in function(self.whole))
+        outputs = None
+        for cells in partition_batches(self.parts, self.parts_per_batch, shuffle=False):
+            batch = self._batch(cells, counts=False)
+            values = function(batch)
+            if outputs is None:
+                outputs = [
+                    torch.empty((self.n_cells, *value.shape[1:]), dtype=value.dtype, device=device)
+                    for value in values
+                ]
+            rows = batch[-1].to(device)
+            for output, value in zip(outputs, values, strict=True):
+                output[rows] = value.to(device)
+        return tuple(outputs)
+
+    def _graph(self, edges: torch.Tensor, n_cells: int) -> tuple:
+        extra = () if self.graph_inputs is None else tuple(self.graph_inputs(edges, n_cells))
+        return (edges, *extra)
+
+    def _batch(self, cells: np.ndarray, *, counts: bool):
+        index = torch.from_numpy(cells).to(self.device)
+        edges = induced_edges(self.graph, cells).to(self.device)
+        y = dense_rows(self.counts, cells, self.device) if counts and self.counts is not None else None
+        x = dense_rows(self.features, cells, self.device)
+        return (x, y, self.size_factors[index], self._graph(edges, len(cells)), index)
