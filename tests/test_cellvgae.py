@@ -1,22 +1,29 @@
 from __future__ import annotations
 
+import json
+import pickle
+import time
+
 import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
+import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from test_kratos import assert_untouched, snapshot
 
 import scext
+from scext._utils import seed_everything
 from scext._utils._graph import knn_graph
+from scext.models import CellVGAE
 
 SMALL = {
-    "hidden_sizes": (16, 16),
-    "heads": 2,
-    "latent_size": 8,
+    "hidden_sizes": (16, 16, 8),
+    "n_heads": 2,
     "lr": 1e-2,
     "n_epochs": 100,
     "device": "cpu",
@@ -133,7 +140,7 @@ def test_chunked_layerwise_inference_equals_one_full_graph_pass(toy, conv):
     x = torch.from_numpy(np.asarray(toy.X.toarray(), dtype=np.float32))
     graph = knn_graph(toy.X.toarray(), 5)
     edges = edge_index(graph)
-    net = CellVGAENet(x.shape[1], conv=conv, hidden_sizes=(16, 8), heads=2, latent_size=4).eval()
+    net = CellVGAENet(x.shape[1], conv=conv, hidden_sizes=(16, 8, 4), n_heads=2).eval()
     with torch.no_grad():
         whole, _ = net.encode(x, edges)
     chunks = np.array_split(np.random.default_rng(0).permutation(toy.n_obs), 7)
@@ -285,3 +292,252 @@ def test_bad_input_leaves_adata_untouched(toy, change, arguments, error, message
     with pytest.raises(error, match=message):
         scext.tl.cellvgae(adata, **{**SMALL, **arguments})
     assert_untouched(adata, before)
+
+
+# ---------------------------------------------------------------- the model: save, load, new cells
+
+
+@pytest.fixture(scope="module")
+def split(toy):
+    """80 % of the toy trained with the tool (HDBSCAN clusters), and the other 20 % as new cells."""
+    order = np.random.default_rng(0).permutation(toy.n_obs)
+    cut = int(0.8 * toy.n_obs)
+    reference = toy[np.sort(order[:cut])].copy()
+    scext.tl.cellvgae(reference, **SMALL)
+    return reference, toy[np.sort(order[cut:])].copy()
+
+
+def shuffled_with_extra_genes(adata, seed=1):
+    """The same cells with the genes in another order and two genes the model never saw."""
+    order = np.random.default_rng(seed).permutation(adata.n_vars)
+    shuffled = adata[:, order].copy()
+    extra = ad.AnnData(
+        X=sp.csr_matrix(np.ones((adata.n_obs, 2), dtype=np.float32)),
+        obs=adata.obs[[]],
+        var=pd.DataFrame(index=["extra_1", "extra_2"]),
+    )
+    combined = ad.concat([shuffled, extra], axis=1, merge="first")
+    combined.obs = adata.obs.copy()
+    return combined
+
+
+def test_model_class_reproduces_the_tool_and_survives_save_load(split, tmp_path):
+    reference, held_out = split
+    # the model object trained by hand, as the tool does: same graph, same seeds, same numbers
+    graph = knn_graph(reference.X.toarray(), 5)
+    seed_everything(0)
+    original = CellVGAE(reference.var_names, hidden_sizes=(16, 16, 8), n_heads=2)
+    fitted = original.fit(reference.X, graph, n_epochs=SMALL["n_epochs"], lr=SMALL["lr"], progress_bar=False)
+    np.testing.assert_array_equal(fitted.embedding, reference.obsm["X_cellvgae"])
+    assert fitted.mode == "full" and fitted.n_parts == 1
+    assert fitted.history["loss"] == list(reference.uns["cellvgae"]["history"]["loss"])
+    original.set_clusters(reference.obs["cellvgae"])
+
+    original.save(tmp_path)
+    with pytest.raises(FileExistsError):
+        original.save(tmp_path)
+    loaded = CellVGAE.load(tmp_path)
+    assert list(loaded.var_names) == list(reference.var_names)
+    assert loaded.categories == list(reference.obs["cellvgae"].cat.categories)
+    assert loaded.n_heads == (2, 2, 2) and loaded.hidden_sizes == (16, 16, 8)
+
+    new = shuffled_with_extra_genes(held_out)
+    scext.tl.cellvgae_predict(new, loaded, device="cpu")
+    assert new.obsm["X_cellvgae"].shape == (new.n_obs, 8)
+    categories = list(reference.obs["cellvgae"].cat.categories)
+    assert list(new.obs["cellvgae"].cat.categories) == categories
+    proba = new.obsm["cellvgae_proba"]
+    assert proba.shape == (new.n_obs, len(categories))
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    assert (np.asarray(categories)[proba.argmax(axis=1)] == new.obs["cellvgae"].to_numpy()).all()
+    assert list(new.uns["cellvgae_predict"]["categories"]) == categories
+    assert adjusted_rand_score(new.obs["cell_type"], new.obs["cellvgae"]) >= 0.8
+    # the reloaded model embeds exactly as the object that was saved, and as the one the tool stored
+    np.testing.assert_array_equal(original.transform(new), new.obsm["X_cellvgae"])
+    np.testing.assert_array_equal(CellVGAE.from_adata(reference).transform(new), new.obsm["X_cellvgae"])
+    # gene order and extra genes do not matter; a cell embeds the same alone as in a batch (to rounding)
+    np.testing.assert_allclose(loaded.transform(held_out), new.obsm["X_cellvgae"], atol=1e-5)
+    np.testing.assert_allclose(loaded.transform(held_out[:1]), new.obsm["X_cellvgae"][:1], atol=1e-5)
+    # with every training cell kept, the reference cells' mu is the training embedding
+    reference_mu, _ = loaded.embed_reference_and_new(held_out[:1])
+    np.testing.assert_allclose(reference_mu, reference.obsm["X_cellvgae"], atol=1e-5)
+
+
+def test_applied_to_its_training_cells_the_model_reproduces_its_clusters(split):
+    reference, _ = split
+    again = reference.copy()
+    del again.obs["cellvgae"]
+    scext.tl.cellvgae_predict(again, reference, device="cpu", key_added="again")
+    assert adjusted_rand_score(reference.obs["cellvgae"], again.obs["again"]) >= 0.95
+    assert "again_proba" in again.obsm and "again_predict" in again.uns
+
+
+def test_predict_from_a_reloaded_h5ad(split, tmp_path):
+    reference, held_out = split
+    path = tmp_path / "reference.h5ad"
+    reference.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    from_file, in_memory = held_out.copy(), held_out.copy()
+    scext.tl.cellvgae_predict(from_file, back, device="cpu")
+    scext.tl.cellvgae_predict(in_memory, reference, device="cpu")
+    np.testing.assert_array_equal(from_file.obsm["X_cellvgae"], in_memory.obsm["X_cellvgae"])
+    assert (from_file.obs["cellvgae"] == in_memory.obs["cellvgae"]).all()
+    copied = scext.tl.cellvgae_predict(held_out, back, device="cpu", key_added="mapped", copy=True)
+    assert "mapped" in copied.obs and "mapped" not in held_out.obs
+
+
+PAYLOAD_RAN = []
+
+
+def _payload():
+    PAYLOAD_RAN.append(True)  # an attacker's file would call os.system here
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_payload, ())
+
+
+def test_a_pickle_payload_is_not_executed(tmp_path):
+    pickle.loads(pickle.dumps(_Payload()))  # the payload is real: plain unpickling runs it
+    assert PAYLOAD_RAN == [True]
+    PAYLOAD_RAN.clear()
+    torch.save({"header": "{}", "state_dict": _Payload()}, tmp_path / CellVGAE.file_name())
+    with pytest.raises(ValueError, match="cannot be read safely|not a scext model"):
+        CellVGAE.load(tmp_path)
+    assert PAYLOAD_RAN == []
+
+
+def _edit_header(path, change):
+    saved = torch.load(path, weights_only=True)
+    header = json.loads(saved["header"])
+    change(header)
+    saved["header"] = json.dumps(header)
+    torch.save(saved, path)
+
+
+def test_files_of_another_class_version_or_shape_are_refused(split, toy, tmp_path):
+    # a Kratos file under the CellVGAE file name
+    labelled = toy[:60].copy()
+    scext.tl.kratos(labelled, groupby="cell_type", n_epochs=1, device="cpu", progress_bar=False)
+    scext.models.Kratos.from_adata(labelled).save(tmp_path / "kratos")
+    (tmp_path / "kratos" / "kratos_model.pt").rename(tmp_path / "kratos" / CellVGAE.file_name())
+    with pytest.raises(ValueError, match="Kratos.*CellVGAE"):
+        CellVGAE.load(tmp_path / "kratos")
+
+    reference, _ = split
+    model = CellVGAE.from_adata(reference)
+    model.save(tmp_path / "version")
+    _edit_header(tmp_path / "version" / CellVGAE.file_name(), lambda h: h.update(scext_version="99.0.0"))
+    with pytest.raises(ValueError, match=r"99\.0\.0.*" + scext.__version__.replace(".", r"\.")):
+        CellVGAE.load(tmp_path / "version")
+
+    model.save(tmp_path / "huge")
+    _edit_header(
+        tmp_path / "huge" / CellVGAE.file_name(), lambda h: h["config"].update(hidden_sizes=[10**6, 16, 8])
+    )
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="do not match its header"):
+        CellVGAE.load(tmp_path / "huge")
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("change", ["missing_gene", "nan", "duplicated_names", "no_cells", "not_a_model"])
+def test_predict_bad_input_leaves_adata_untouched(split, change):
+    reference, held_out = split
+    adata = held_out.copy()
+    model = reference
+    if change == "missing_gene":
+        adata = adata[:, 1:].copy()
+        error, message = ValueError, "lacks 1 of"
+    elif change == "nan":
+        adata.X = adata.X.toarray()
+        adata.X[0, 0] = np.nan
+        error, message = ValueError, "NaN"
+    elif change == "duplicated_names":
+        adata.var_names = [adata.var_names[1], *adata.var_names[1:]]
+        error, message = ValueError, "not unique"
+    elif change == "no_cells":
+        adata = adata[:0].copy()
+        error, message = ValueError, "no cells"
+    else:
+        model = scext.models.Kratos(reference.var_names, ["a", "b"])
+        error, message = TypeError, "CellVGAE"
+    before = snapshot(adata)
+    with pytest.raises(error, match=message):
+        scext.tl.cellvgae_predict(adata, model, device="cpu")
+    assert_untouched(adata, before)
+
+
+def test_old_argument_names_warn_and_give_the_same_model(toy):
+    quick = {key: value for key, value in SMALL.items() if key not in ("hidden_sizes", "n_heads")}
+    quick.update(n_epochs=5, cluster_method=None)
+    new = toy.copy()
+    scext.tl.cellvgae(new, hidden_sizes=(16, 16, 8), n_heads=2, **quick)
+    old = toy.copy()
+    with pytest.warns(FutureWarning) as warned:
+        scext.tl.cellvgae(old, hidden_sizes=(16, 16), heads=2, latent_size=8, **quick)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "'heads' is renamed 'n_heads'" in messages and "latent_size" in messages
+    np.testing.assert_array_equal(old.obsm["X_cellvgae"], new.obsm["X_cellvgae"])
+    for params in (old.uns["cellvgae"]["params"], new.uns["cellvgae"]["params"]):
+        assert list(params["hidden_sizes"]) == [16, 16, 8] and list(params["n_heads"]) == [2, 2, 2]
+    with pytest.raises(TypeError, match="n_heads"):
+        scext.tl.cellvgae(toy.copy(), heads=2, n_heads=2, **quick)
+    # latent_size alone keeps the old default hidden widths (128, 128)
+    default = toy.copy()
+    with pytest.warns(FutureWarning, match="latent_size"):
+        scext.tl.cellvgae(
+            default, latent_size=4, n_epochs=1, cluster_method=None, device="cpu", keep_model=False
+        )
+    assert list(default.uns["cellvgae"]["params"]["hidden_sizes"]) == [128, 128, 4]
+    assert default.obsm["X_cellvgae"].shape == (toy.n_obs, 4)
+    assert "model" not in default.uns["cellvgae"]
+
+    # a model without clusters embeds new cells but has nothing to predict
+    model = CellVGAE.from_adata(new)
+    assert model.categories is None
+    with pytest.raises(ValueError, match="no clusters"):
+        model.predict(toy[:10].copy())
+    cells = toy[:10].copy()
+    scext.tl.cellvgae_predict(cells, new, device="cpu")
+    assert cells.obsm["X_cellvgae"].shape == (10, 8)
+    assert "cellvgae" not in cells.obs and "cellvgae_proba" not in cells.obsm
+    assert cells.uns["cellvgae_predict"]["categories"] is None
+
+
+def test_params_record_and_stored_model(trained):
+    params = trained.uns["cellvgae"]["params"]
+    assert list(params["hidden_sizes"]) == [16, 16, 8] and list(params["n_heads"]) == [2, 2, 2]
+    assert params["latent_size"] is None and params["keep_model"] is True
+    assert params["graph"] == "knn" and params["n_edges"] > 0 and params["input"] == "adata.X"
+    assert params["regularizer_weight"] == pytest.approx(1 / trained.n_obs)
+    assert params["min_cluster_size"] == 10 and params["scext_version"] == scext.__version__
+    model = CellVGAE.from_adata(trained)
+    assert model.reference.n_cells == trained.n_obs
+    assert model.categories == list(trained.obs["cellvgae"].cat.categories)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"conv": "gcn", "graph": "pknn", "max_reference_cells": 100},
+        {"conv": "gatv2", "training": "minibatch", "batch_size": 80, "feature_decoder": True},
+    ],
+)
+def test_every_variant_places_new_cells(toy, options):
+    adata = toy[:200].copy()
+    scext.tl.cellvgae(adata, cluster_method=None, **{**SMALL, "n_epochs": 3, **options})
+    model = CellVGAE.from_adata(adata)
+    expected_reference = min(options.get("max_reference_cells", 5000), adata.n_obs)
+    assert model.reference.n_cells == expected_reference
+    assert model.metric == ("correlation" if options.get("graph") == "pknn" else "euclidean")
+    # clusters may come from anywhere, one label per training cell; the sampled reference keeps its own
+    model.set_clusters(adata.obs["cell_type"])
+    new = toy[200:].copy()
+    labels, proba = model.predict(new)
+    assert list(labels.categories) == list(adata.obs["cell_type"].cat.categories)
+    assert proba.shape == (new.n_obs, 3) and np.allclose(proba.sum(axis=1), 1)
+    together = model.transform(new, chunk_size=7)
+    assert together.shape == (new.n_obs, 8) and np.isfinite(together).all()
+    np.testing.assert_allclose(model.transform(new[3:4]), together[3:4], atol=1e-5)

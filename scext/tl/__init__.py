@@ -4,7 +4,7 @@ from ._cellvgae import cellvgae, cellvgae_marker_genes, cellvgae_predict
 from ._cicl import cicl, cicl_predict
 from ._kratos import kratos, kratos_predict
 from ._rank_genes import rank_genes_perturbation
-from ._scdefer import scdefer
+from ._scdefer import scdefer, scdefer_predict
 
 __all__ = [
     "cellvgae",
@@ -16,4 +16,5 @@ __all__ = [
     "kratos_predict",
     "rank_genes_perturbation",
     "scdefer",
+    "scdefer_predict",
 ]

@@ -1,5 +1,8 @@
+"""CellVGAE as a tool: validate the input, build the graph, train `scext.models.CellVGAE`, cluster, write slots."""
+
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,11 +12,9 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .. import __version__
+from .._docs import doc_params
 from .._utils import (
-    ScaledColumns,
     check_finite,
-    column_min_max,
     dense_columns,
     get_matrix,
     is_integer_valued,
@@ -22,28 +23,23 @@ from .._utils import (
     seed_everything,
     stored_values,
 )
-from .._utils._graph import edge_index, knn_graph, neighbors_graph, undirected_edges
-from ..models._cellvgae import (
-    CONVOLUTIONS,
-    REGULARIZERS,
-    CellVGAENet,
-    default_regularizer_weight,
-    loss_terms,
-)
-from ..train import dense_rows, train_loop
-from ..train._graph_batches import (
-    graph_partition,
-    graph_training_mode,
-    induced_edges,
-    partition_batches,
-    partition_plan,
-)
+from .._utils._arguments import renamed_arguments
+from .._utils._graph import knn_graph, neighbors_graph, undirected_edges
+from ..models._base import params_record
+from ..models._cellvgae import CONVOLUTIONS, REGULARIZERS, CellVGAE, default_regularizer_weight
+from ..models._reference import MAX_REFERENCE_CELLS
+from ..train._graph_batches import graph_training_mode
 
 GRAPHS = ("knn", "pknn")
 CLUSTER_METHODS = ("hdbscan", "leiden")
 NOISE = "noise"
+#: encoder widths before `hidden_sizes` held the latent size (the paper's 128, 128; latent 50 apart)
+_OLD_DEFAULT_HIDDEN = (128, 128)
+_DEFAULT_HIDDEN = (128, 128, 50)
 
 
+@renamed_arguments(heads="n_heads")
+@doc_params
 def cellvgae(
     adata: AnnData,
     *,
@@ -56,9 +52,9 @@ def cellvgae(
     graph_n_top_genes: int | None = None,
     graph_use_rep: str | None = None,
     conv: str = "gat",
-    hidden_sizes: Sequence[int] = (128, 128),
-    heads: int | Sequence[int] = 3,
-    latent_size: int = 50,
+    hidden_sizes: Sequence[int] = _DEFAULT_HIDDEN,
+    n_heads: int | Sequence[int] = 3,
+    latent_size: int | None = None,
     regularizer: str = "kl",
     regularizer_weight: float | None = None,
     feature_decoder: bool = False,
@@ -72,6 +68,8 @@ def cellvgae(
     attention_layer: int = 2,
     attention_heads: bool = False,
     n_marker_genes: int = 15,
+    max_reference_cells: int = MAX_REFERENCE_CELLS,
+    keep_model: bool = True,
     device: str | torch.device = "auto",
     random_state: int = 0,
     progress_bar: bool | None = None,
@@ -86,14 +84,14 @@ def cellvgae(
     or MMD term (eq. 9). The embedding is ``mu``. Clusters are HDBSCAN's on a UMAP of ``mu`` (the paper's
     procedure; cells it leaves unassigned are labelled ``"noise"``), or Leiden's on a kNN graph of ``mu``.
     Training is full-graph (one step per epoch), as in the paper, up to 50,000 cells, and on Cluster-GCN
-    minibatches of graph parts beyond (see `training`); no label is read.
+    minibatches of graph parts beyond (see `training`); no label is read. The trained model
+    (`scext.models.CellVGAE`) embeds and clusters new cells with `scext.tl.cellvgae_predict`.
 
     Parameters
     ----------
     adata
         Cells x genes, log-normalised (``sc.pp.normalize_total`` + ``sc.pp.log1p``), as in the paper.
-    layer, use_raw
-        Read expression from ``adata.layers[layer]`` or ``adata.raw`` instead of ``adata.X``.
+    {layer}
     n_top_genes
         Node features: this many highly variable genes (Scanpy's ``seurat`` flavour on the input). ``None``
         uses ``var["highly_variable"]`` when present, else every gene.
@@ -105,7 +103,8 @@ def cellvgae(
         ``None``: each cell joined to its `n_neighbors` nearest cells, then made undirected. Or your own cells
         x cells adjacency matrix (its non-zeros are the edges). GAT layers add the self-loops.
     n_neighbors
-        k of the graph; the paper's 5.
+        k of the graph; the paper's 5. New cells (`scext.tl.cellvgae_predict`) are attached to this many
+        reference cells, by Pearson correlation for ``"pknn"`` and Euclidean distance otherwise.
     graph_n_top_genes
         Build the graph on this many highly variable genes (the paper's KHVG), which may differ from the
         feature genes; ``None`` uses the feature genes. The graph sees log values, not min-max scaled ones.
@@ -113,10 +112,15 @@ def cellvgae(
         Build the graph on ``adata.obsm[graph_use_rep]`` (e.g. ``"X_pca"``) instead of genes.
     conv
         Graph layer type: ``"gat"`` (default), ``"gatv2"`` or ``"gcn"`` (torch-geometric).
-    hidden_sizes, heads, latent_size
-        Per-head output size of each hidden layer (concatenated heads), heads per hidden layer and for the
-        mu / log-sigma layers (which average their heads), and the latent size: the paper's (128, 128), 3,
-        50.
+    hidden_sizes, n_heads
+        Encoder widths up to and including the latent size: the per-head output size of each hidden layer
+        (concatenated heads), then the size of mu; and the heads of each hidden layer and of the mu /
+        log-sigma layers (which average their heads), one int for all or one per entry of `hidden_sizes`.
+        The paper's (128, 128, 50) and 3.
+    latent_size
+        Deprecated (FutureWarning; removed in the next release): when given, `hidden_sizes` are read the old
+        way, as the hidden widths only, and `latent_size` is appended (the old default hidden widths were
+        (128, 128)). Give the latent size as the last entry of `hidden_sizes` instead.
     regularizer, regularizer_weight
         ``"kl"`` or ``"mmd"`` (eq. 9) and its weight; ``None`` means 1/N for KL (the VGAE recipe: the
         node-averaged KL over the number of nodes) and 1 for MMD.
@@ -140,7 +144,8 @@ def cellvgae(
         ``n_neighbors=30, min_dist=0``) or ``"leiden"`` (on a 15-nearest-neighbour graph of mu, at
         `resolution`). ``None`` skips clustering: on atlases the UMAP + HDBSCAN (or kNN + Leiden) of mu can
         take longer than training; cluster afterwards with ``sc.pp.neighbors(adata, use_rep="X_cellvgae")``
-        and ``sc.tl.leiden``, and describe the clusters with `scext.tl.cellvgae_marker_genes`.
+        and ``sc.tl.leiden``, and describe the clusters with `scext.tl.cellvgae_marker_genes`. The model of
+        an unclustered run embeds new cells but cannot predict their clusters.
     min_cluster_size
         HDBSCAN's smallest cluster; ``None`` means ``max(10, n_cells // 100)``, 1 % of the cells.
     attention_layer
@@ -151,13 +156,19 @@ def cellvgae(
     n_marker_genes
         Genes per cluster and latent dimension in the ``marker_genes`` table (sec. 3.4; see
         `scext.tl.cellvgae_marker_genes`).
-    device, random_state, progress_bar
-        As everywhere in scext. On the CPU with one thread (``torch.set_num_threads(1)``) the same
-        `random_state` gives the same numbers; with more threads, parallel reductions may round differently
-        from run to run (differences of about 1e-8 that UMAP + HDBSCAN can amplify). On CUDA the scatter
-        operations of graph layers are not bit-reproducible.
-    key_added, copy
-        Prefix of every slot written; return a copy instead of writing to `adata`.
+    max_reference_cells
+        Training cells the model keeps to place new cells (all of them up to this many, else a seeded
+        sample): their scaled features and the graph among them, ``cells x feature genes x 4`` bytes in the
+        model (40 MB at 5,000 cells x 2,000 genes). See `scext.models.CellVGAE`.
+    {keep_model}
+    {device}
+    {random_state}
+        On the CPU, bit-for-bit repetition also needs one thread (``torch.set_num_threads(1)``): with more,
+        parallel reductions may round differently from run to run (differences of about 1e-8 that UMAP +
+        HDBSCAN can amplify). On CUDA the scatter operations of graph layers are not bit-reproducible.
+    {progress_bar}
+    {key_added}
+    {copy}
 
     Returns
     -------
@@ -177,15 +188,30 @@ def cellvgae(
         Whether a gene was a node feature.
     ``uns[key_added]``
         ``params``, ``history`` (loss, reconstruction and regulariser per epoch), ``attention_layer``,
-        ``n_clusters``, ``n_noise``, ``marker_genes`` (table; these three only when clustered), and with
-        ``attention_heads=True`` ``attention_heads`` (one column per head, rows in the CSR order of the attention matrix).
+        ``n_clusters``, ``n_noise``, ``marker_genes`` (table; these three only when clustered), with
+        ``attention_heads=True`` ``attention_heads`` (one column per head, rows in the CSR order of the
+        attention matrix), and with ``keep_model=True`` ``model`` (`scext.models.CellVGAE.from_adata`
+        rebuilds it, `scext.tl.cellvgae_predict` uses it).
     """
+    arguments = dict(locals())
     start = logg.info("training CellVGAE")
+    if latent_size is not None:
+        warnings.warn(
+            "cellvgae(): 'latent_size' is deprecated and stops working in the next release; give the latent "
+            "size as the last entry of hidden_sizes (e.g. hidden_sizes=(128, 128, 50)).",
+            FutureWarning,
+            stacklevel=3,
+        )
+        hidden = _OLD_DEFAULT_HIDDEN if hidden_sizes is _DEFAULT_HIDDEN else tuple(hidden_sizes)
+        hidden_sizes = (*hidden, latent_size)
+    hidden_sizes = tuple(int(size) for size in hidden_sizes)
     torch_device = resolve_device(device)
     custom_graph = not isinstance(graph, str)
     _check_choices(conv, regularizer, "knn" if custom_graph else graph, cluster_method)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    if max_reference_cells < 1:
+        raise ValueError(f"max_reference_cells={max_reference_cells} must be at least 1.")
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
     n_cells = matrix.shape[0]
     if custom_graph and neighbors_key is not None:
@@ -200,8 +226,8 @@ def cellvgae(
             f"n_neighbors={n_neighbors} needs at least {n_neighbors + 1} cells; adata has {n_cells}. "
             "Lower n_neighbors."
         )
-    mode = graph_training_mode(training, n_cells)
-    n_graph_layers = len(hidden_sizes) + 1
+    graph_training_mode(training, n_cells)  # validates `training` before any work
+    n_graph_layers = len(hidden_sizes)
     if conv != "gcn" and not 1 <= attention_layer <= n_graph_layers:
         raise ValueError(
             f"attention_layer={attention_layer} does not exist: the encoder has {n_graph_layers} graph layers "
@@ -241,84 +267,76 @@ def cellvgae(
     _warn_if_counts(matrix)
     # the minibatch order has its own generator: the global stream (weights, random pairs) then draws the
     # same numbers in both modes, and one batch of all cells reproduces full-graph training
-    _, order_generator = seed_everything(random_state)
-
-    # min-max scaling (as the paper) is applied a minibatch of rows at a time: a sparse input stays sparse
-    selected = matrix if len(features) == matrix.shape[1] else matrix[:, features]
-    low, high = column_min_max(selected)
-    node_features = ScaledColumns(selected, low, high - low)
-    parts = parts_per_batch = None
-    if mode == "minibatch":
-        n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
-        parts = graph_partition(node_features, n_parts, random_state=random_state)
-        x = None
-    else:
-        x = dense_rows(node_features, np.arange(n_cells), torch_device)
-        edges = edge_index(cell_graph, torch_device)
-    net = CellVGAENet(
-        len(features),
-        conv=conv,
-        hidden_sizes=hidden_sizes,
-        heads=heads,
-        latent_size=latent_size,
-        feature_decoder=feature_decoder,
-    ).to(torch_device)
-    weight = (
-        default_regularizer_weight(regularizer, n_cells) if regularizer_weight is None else regularizer_weight
-    )
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-
-    def batches():
-        if mode == "full":
-            yield x, edges
-            return
-        for cells in partition_batches(parts, parts_per_batch, generator=order_generator):
-            yield (
-                dense_rows(node_features, cells, torch_device),
-                induced_edges(cell_graph, cells).to(torch_device),
-            )
-
-    history = train_loop(
-        net,
-        optimizer,
-        step=lambda batch: loss_terms(
-            net, batch[0], batch[1], regularizer=regularizer, regularizer_weight=weight
-        ),
-        batches=batches,
-        n_epochs=n_epochs,
-        progress_bar=progress_bar,
-        description="CellVGAE",
-    )
-    # inference is exact on the whole graph, layer by layer over chunks of cells (the training parts when
-    # minibatched), so memory follows a chunk's edges, not the graph's
-    chunks = (
-        [np.arange(n_cells)]
-        if mode == "full"
-        else list(partition_batches(parts, parts_per_batch, shuffle=False))
-    )
-    mu, attention = net.infer(
-        (lambda rows: x[torch.from_numpy(rows).to(torch_device)])
-        if mode == "full"
-        else (lambda rows: dense_rows(node_features, rows, torch_device)),
-        cell_graph,
-        chunks,
-        attention_layer=None if conv == "gcn" else attention_layer,
-    )
-    embedding = mu.cpu().numpy()
-    loadings = net.gene_loadings()[0].detach().cpu().numpy()
-    if attention is not None:
-        attention = (attention[0].cpu().numpy(), attention[1].cpu().numpy())
+    rng, order_generator = seed_everything(random_state)
 
     feature_names = var_names[features]
+    # new cells join their nearest reference cells as training cells joined the graph built here
+    built_pknn = not custom_graph and neighbors_key is None and graph == "pknn"
+    placement_metric = "correlation" if built_pknn else "euclidean"
+    model = CellVGAE(
+        feature_names,
+        layer=layer,
+        use_raw=use_raw,
+        conv=conv,
+        hidden_sizes=hidden_sizes,
+        n_heads=n_heads,
+        feature_decoder=feature_decoder,
+        n_neighbors=n_neighbors,
+        metric=placement_metric,
+    )
+    selected = matrix if len(features) == matrix.shape[1] else matrix[:, features]
+    fitted = model.fit(
+        selected,
+        cell_graph,
+        regularizer=regularizer,
+        regularizer_weight=regularizer_weight,
+        n_epochs=n_epochs,
+        lr=lr,
+        training=training,
+        batch_size=batch_size,
+        attention_layer=attention_layer,
+        max_reference_cells=max_reference_cells,
+        device=torch_device,
+        random_state=random_state,
+        generator=order_generator,
+        rng=rng,
+        progress_bar=progress_bar,
+    )
+    embedding, attention = fitted.embedding, fitted.attention
+    loadings = model.net.gene_loadings()[0].detach().cpu().numpy()
+
     gene_loadings, is_feature = _loadings_per_var(adata.var_names, feature_names, loadings)
     labels, clustering = None, {}
     if cluster_method is not None:
         labels = _cluster(embedding, cluster_method, min_cluster_size, resolution, random_state)
+        model.set_clusters(labels)
         clustering = {
             "n_clusters": int(len(labels.categories) - (NOISE in labels.categories)),
             "n_noise": int((labels == NOISE).sum()),
             "marker_genes": _marker_gene_table(embedding, labels, loadings, feature_names, n_marker_genes),
         }
+    weight = (
+        default_regularizer_weight(regularizer, n_cells) if regularizer_weight is None else regularizer_weight
+    )
+    params = params_record(
+        cellvgae,
+        arguments,
+        hidden_sizes=hidden_sizes,
+        input=matrix_source(layer, use_raw),
+        features="var['highly_variable']" if uses_hvg_column else f"{len(features)} genes",
+        graph="custom" if custom_graph else graph if neighbors_key is None else "neighbors_key",
+        graph_source=graph_source,
+        n_edges=int(cell_graph.nnz),
+        n_heads=list(model.n_heads),
+        regularizer_weight=float(weight),
+        training=fitted.mode,
+        n_parts=fitted.n_parts,
+        min_cluster_size=_min_cluster_size(min_cluster_size, n_cells)
+        if cluster_method == "hdbscan"
+        else None,
+        n_reference_cells=model.reference.n_cells,
+        device=torch_device,
+    )
 
     if copy:
         adata = adata.copy()
@@ -334,46 +352,14 @@ def cellvgae(
         if attention_heads:
             extra["attention_heads"] = per_head
     adata.uns[key_added] = {
-        "params": {
-            "layer": layer,
-            "use_raw": bool(use_raw),
-            "input": matrix_source(layer, use_raw),
-            "n_top_genes": n_top_genes,
-            "features": "var['highly_variable']" if uses_hvg_column else f"{len(features)} genes",
-            "neighbors_key": neighbors_key,
-            "graph": "custom" if custom_graph else graph if neighbors_key is None else "neighbors_key",
-            "graph_source": graph_source,
-            "n_neighbors": int(n_neighbors),
-            "n_edges": int(cell_graph.nnz),
-            "graph_n_top_genes": graph_n_top_genes,
-            "graph_use_rep": graph_use_rep,
-            "conv": conv,
-            "hidden_sizes": np.asarray(hidden_sizes, dtype=np.int64),
-            "heads": np.asarray(net.heads, dtype=np.int64),
-            "latent_size": int(latent_size),
-            "regularizer": regularizer,
-            "regularizer_weight": float(weight),
-            "feature_decoder": bool(feature_decoder),
-            "n_epochs": int(n_epochs),
-            "lr": float(lr),
-            "training": mode,
-            "batch_size": int(batch_size),
-            "n_parts": int(len(np.unique(parts))) if parts is not None else 1,
-            "cluster_method": cluster_method,
-            "min_cluster_size": _min_cluster_size(min_cluster_size, n_cells)
-            if cluster_method == "hdbscan"
-            else None,
-            "resolution": float(resolution),
-            "n_marker_genes": int(n_marker_genes),
-            "device": str(torch_device),
-            "random_state": int(random_state),
-            "scext_version": __version__,
-        },
-        "history": {name: np.asarray(values) for name, values in history.items()},
+        "params": params,
+        "history": {name: np.asarray(values) for name, values in fitted.history.items()},
         "attention_layer": int(attention_layer) if attention is not None else None,
         **clustering,
         **extra,
     }
+    if keep_model:
+        adata.uns[key_added]["model"] = model.to_dict()
     logg.info(
         f"    finished ({clustering['n_clusters']} clusters, {clustering['n_noise']} noise cells)"
         if clustering
@@ -385,6 +371,87 @@ def cellvgae(
             + (f"    '{key_added}_attention' (adata.obsp)\n" if attention is not None else "")
             + f"    '{key_added}_loadings' (adata.varm)\n    '{key_added}' (adata.uns)"
         ),
+    )
+    return adata if copy else None
+
+
+@doc_params
+def cellvgae_predict(
+    adata: AnnData,
+    model: CellVGAE | AnnData,
+    *,
+    key: str = "cellvgae",
+    device: str | torch.device = "auto",
+    chunk_size: int = 4096,
+    key_added: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Embed new cells with a trained CellVGAE model and give them the training clusters.
+
+    Each new cell is attached to its nearest reference cells of the model (`scext.models.CellVGAE`
+    describes how) and encoded; its cluster is the majority among its 15 nearest reference cells in mu.
+
+    Parameters
+    ----------
+    adata
+        New cells. Must hold every feature gene of the model, in the same units (layer, log-normalisation)
+        as the training data; extra genes are ignored and the order may differ.
+    {predict_model}
+    {device}
+    chunk_size
+        New cells searched and embedded at once; results do not depend on it beyond float rounding.
+    {copy}
+
+    Returns
+    -------
+    `None`, or the copy when ``copy=True``. Writes:
+
+    ``obsm["X_<key_added>"]``
+        mu for every cell.
+    ``obs["<key_added>"]``
+        Predicted clusters, categorical with the reference clusters' categories (``"noise"`` included when
+        HDBSCAN left training cells out).
+    ``obsm["<key_added>_proba"]``
+        Vote fractions among the 15 nearest reference cells, columns in the order of the categories.
+    ``uns["<key_added>_predict"]``
+        ``categories`` and ``n_reference_cells``.
+
+    A model trained with ``cluster_method=None`` has no clusters: then only ``obsm["X_<key_added>"]`` and
+    ``uns["<key_added>_predict"]`` (with ``categories`` None) are written, and a warning says so.
+    """
+    key_added = key if key_added is None else key_added
+    start = logg.info("embedding cells with a trained CellVGAE model")
+    torch_device = resolve_device(device)
+    reference = model
+    model = CellVGAE.resolve(model, key)
+    labels = proba = None
+    if model.categories is None:
+        embedding = model.transform(adata, device=torch_device, chunk_size=chunk_size)
+        logg.warning(
+            "the CellVGAE model has no clusters (trained with cluster_method=None); only the embedding "
+            f"obsm['X_{key_added}'] is written."
+        )
+    else:
+        embedding, labels, proba = model.embed_and_predict(adata, device=torch_device, chunk_size=chunk_size)
+    if copy:
+        adata = adata.copy()
+    adata.obsm[f"X_{key_added}"] = embedding
+    if labels is not None:
+        adata.obs[key_added] = labels
+        adata.obsm[f"{key_added}_proba"] = proba
+        colors = reference.uns.get(f"{key}_colors") if isinstance(reference, AnnData) else None
+        if colors is not None and len(colors) == len(model.categories):
+            adata.uns[f"{key_added}_colors"] = list(colors)
+    adata.uns[f"{key_added}_predict"] = {
+        "categories": None if model.categories is None else np.asarray(model.categories, dtype=object),
+        "n_reference_cells": int(model.reference.n_cells),
+    }
+    logg.info(
+        "    finished",
+        time=start,
+        deep=f"added 'X_{key_added}'"
+        + (f", '{key_added}', '{key_added}_proba'" if labels is not None else "")
+        + f", '{key_added}_predict' (adata.uns)",
     )
     return adata if copy else None
 
