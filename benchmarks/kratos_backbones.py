@@ -80,7 +80,14 @@ def main() -> None:
         rows.append(run(full, "MLP, random init", f"all {full.n_vars}", seed, args.device))
         train_cells = np.flatnonzero(full.obs["kratos_split"] == "train")
         rows.append(
-            run(full, "MLP, autoencoder init", f"all {full.n_vars}", seed, args.device, weight_init="autoencoder")
+            run(
+                full,
+                "MLP, autoencoder init",
+                f"all {full.n_vars}",
+                seed,
+                args.device,
+                weight_init="autoencoder",
+            )
         )
         tag = f"{subset.n_vars} HVG" if subset is not full else f"all {full.n_vars}"
         if subset is not full:

@@ -211,9 +211,7 @@ def test_inference_embedding_is_independent_of_chunks_and_order():
     for chunk in (1, 7, 64):
         torch.testing.assert_close(model.embed(matrix, chunk_size=chunk), whole, atol=1e-5, rtol=1e-5)
     order = rng.permutation(90)
-    torch.testing.assert_close(
-        model.embed(matrix[order], chunk_size=16), whole[order], atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(model.embed(matrix[order], chunk_size=16), whole[order], atol=1e-5, rtol=1e-5)
     # sparse input gives the same cells the same embedding
     torch.testing.assert_close(model.embed(sp.csr_matrix(matrix)), whole, atol=1e-6, rtol=1e-6)
 

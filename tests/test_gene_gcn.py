@@ -114,7 +114,12 @@ def test_autoencoder_initialisation_pretrains_and_changes_the_start():
     for init in ("random", "autoencoder"):
         adata = make_toy(n_cells=200)
         scext.tl.kratos(
-            adata, groupby="cell_type", weight_init=init, n_pretrain_epochs=15, device="cpu", **{**FAST, "n_epochs": 1}
+            adata,
+            groupby="cell_type",
+            weight_init=init,
+            n_pretrain_epochs=15,
+            device="cpu",
+            **{**FAST, "n_epochs": 1},
         )
         runs[init] = adata
     history = runs["autoencoder"].uns["kratos"]["history"]
