@@ -38,6 +38,7 @@ The growth exponent is the slope of log(seconds per epoch) and of log(peak memor
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import multiprocessing as mp
 import resource
@@ -177,7 +178,7 @@ def measure_graph_tool(tool: str, path: Path, device: str, max_batches: int | No
     import scext
     from scext.train._graph_batches import PARTS_PER_BATCH
 
-    module = getattr(scext.tl, f"_{tool}")
+    module = importlib.import_module(f"scext.models._{tool}")  # the model class calls train_loop
     loops: list[dict] = []
     original_loop = module.train_loop
 

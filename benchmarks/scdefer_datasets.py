@@ -1,13 +1,13 @@
 """scDEFER with default arguments on the shared count data sets, next to Scanpy's baselines; and ablations.
 
     python benchmarks/scdefer_datasets.py [--datasets yan cellbench_celseq2_3cl ...] [--ablation yan]
-        [--ablations alpha zinb] [--n-pretrain-epochs 250] [--n-epochs 250] [--device auto]
+        [--ablations fusion_weight zinb] [--n-pretrain-epochs 250] [--n-epochs 250] [--device auto]
 
 Each data set is read with `scext.datasets.load`, genes without any count are dropped (as the paper's
 preprocessing does), and `scext.tl.scdefer` runs on the counts with K = the number of annotated types (the
 usual convention of the paper and of the Scanpy "true K" baselines). `yan` holds RPKM values, not counts: it
 runs with ``allow_noninteger=True`` and is marked. Labels are read only to score the clusters (ARI, NMI)
-after training. ``--ablation NAME`` also runs alpha 0.5 and 0.9 and the model without ZINB on that data set
+after training. ``--ablation NAME`` also runs fusion_weight (the paper's alpha) 0.5 and 0.9 and the model without ZINB on that data set
 (the paper's Fig. 3C and Table 3 "NZinb"); ``--ablations`` picks which of the two. Wall times include preprocessing and the kNN graph.
 """
 
@@ -87,8 +87,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--datasets", nargs="*", default=DATASETS)
-    parser.add_argument("--ablation", default=None, help="data set for the alpha / no-ZINB ablation")
-    parser.add_argument("--ablations", nargs="*", choices=["alpha", "zinb"], default=["alpha", "zinb"])
+    parser.add_argument("--ablation", default=None, help="data set for the fusion_weight / no-ZINB ablation")
+    parser.add_argument("--ablations", nargs="*", choices=["fusion_weight", "zinb"], default=["fusion_weight", "zinb"])
     parser.add_argument("--n-pretrain-epochs", type=int, default=250)
     parser.add_argument("--n-epochs", type=int, default=250)
     parser.add_argument("--device", default="auto")
@@ -99,8 +99,8 @@ def main() -> None:
     if args.ablation is not None:
         if args.ablation not in args.datasets:
             jobs.append((args.ablation, {}))
-        if "alpha" in args.ablations:
-            jobs += [(args.ablation, {"alpha": 0.5}), (args.ablation, {"alpha": 0.9})]
+        if "fusion_weight" in args.ablations:
+            jobs += [(args.ablation, {"fusion_weight": 0.5}), (args.ablation, {"fusion_weight": 0.9})]
         if "zinb" in args.ablations:
             jobs.append((args.ablation, {"zinb": False}))
     for name, overrides in jobs:

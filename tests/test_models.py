@@ -109,7 +109,7 @@ def test_cicl_saved_model_places_new_cells(cicl_split, tmp_path):
 
 def test_cicl_model_reproduces_its_training_clusters(cicl_split):
     reference, _, model = cicl_split
-    labels, proba, h = model.predict(reference)
+    h, labels, proba = model.embed_and_predict(reference)
     assert adjusted_rand_score(reference.obs["cicl"], labels) >= 0.95
     np.testing.assert_allclose(h, reference.obsm["X_cicl"], rtol=1e-4, atol=1e-4)
 

@@ -81,11 +81,17 @@ class Model:
     def fit(self, *args, **kwargs):
         raise NotImplementedError
 
-    def transform(self, adata: AnnData, **kwargs) -> np.ndarray:
+    def embed_and_predict(self, adata: AnnData, **kwargs) -> tuple[np.ndarray, pd.Categorical, np.ndarray]:
+        """Embedding, labels (categorical) and probabilities or soft assignments of the cells of `adata`."""
         raise NotImplementedError
 
-    def predict(self, adata: AnnData, **kwargs):
-        raise NotImplementedError
+    def transform(self, adata: AnnData, **kwargs) -> np.ndarray:
+        """The embedding of the cells of `adata` (genes matched by name)."""
+        return self.embed_and_predict(adata, **kwargs)[0]
+
+    def predict(self, adata: AnnData, **kwargs) -> tuple[pd.Categorical, np.ndarray]:
+        """Labels (categorical) and probabilities or soft assignments of the cells of `adata`."""
+        return self.embed_and_predict(adata, **kwargs)[1:]
 
     # ------------------------------------------------------------------ genes
     def aligned_matrix(self, adata: AnnData):

@@ -17,6 +17,7 @@ from anndata import AnnData
 from torch import nn
 
 from .._utils import ScaledColumns, column_min_max, resolve_device
+from ..train import dense_rows, train_loop
 from ._base import Model
 from ._edges import edge_logits, sample_pairs
 from ._reference import MAX_REFERENCE_CELLS, ReferenceCells, nearest_rows, vote
@@ -443,7 +444,6 @@ class CellVGAE(Model):
         seeded with `random_state`, which also seeds the graph partition).
         """
         from .._utils._graph import edge_index
-        from ..train import dense_rows, train_loop
         from ..train._graph_batches import (
             graph_partition,
             graph_training_mode,
@@ -557,7 +557,6 @@ class CellVGAE(Model):
 
         Every check (genes, finite values, at least one cell) runs before any computation.
         """
-        from ..train import dense_rows
 
         self._check_trained()
         if adata.n_obs == 0:
@@ -643,21 +642,6 @@ class CellVGAE(Model):
         proba = np.zeros((len(mu), len(self.categories)))
         proba[:, : fractions.shape[1]] = fractions
         return mu, pd.Categorical.from_codes(codes, categories=self.categories), proba
-
-    def predict(
-        self,
-        adata: AnnData,
-        *,
-        device: str | torch.device = CPU,
-        chunk_size: int = 4096,
-        vote_neighbors: int = VOTE_NEIGHBORS,
-    ) -> tuple[pd.Categorical, np.ndarray]:
-        """Clusters of the cells of `adata` by majority among their `vote_neighbors` nearest reference cells in
-        mu (ties to the first category), and the vote fractions (cells x `categories`)."""
-        _, labels, proba = self.embed_and_predict(
-            adata, device=device, chunk_size=chunk_size, vote_neighbors=vote_neighbors
-        )
-        return labels, proba
 
     def _check_clustered(self) -> None:
         self._check_trained()

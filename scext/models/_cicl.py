@@ -446,10 +446,10 @@ class Cicl(Model):
             reference = self.net.to(device).standardize(torch.from_numpy(self.reference).to(device))
             return self._embed_against(reference, data, device, chunk_size).cpu().numpy()
 
-    def predict(
+    def embed_and_predict(
         self, adata: AnnData, *, device: torch.device = CPU, chunk_size: int | None = None
-    ) -> tuple[pd.Categorical, np.ndarray, np.ndarray]:
-        """Clusters (nearest final centre, categories ``"0"`` ... ``"K-1"``), Student-t q and H of `adata`."""
+    ) -> tuple[np.ndarray, pd.Categorical, np.ndarray]:
+        """H, clusters (nearest final centre, categories ``"0"`` ... ``"K-1"``) and Student-t q of `adata`."""
         if self.centers is None:
             raise ValueError("This CICL model has no clusters yet; train it with scext.tl.cicl.")
         h = self.transform(adata, device=device, chunk_size=chunk_size)
@@ -457,7 +457,7 @@ class Cicl(Model):
         labels = pd.Categorical.from_codes(
             proba.argmax(axis=1), categories=[str(k) for k in range(self.n_clusters)]
         )
-        return labels, proba, h
+        return h, labels, proba
 
     # ------------------------------------------------------------------ persistence
     def _config(self) -> dict:

@@ -269,12 +269,12 @@ class Kratos(Model):
         """The embedding (last hidden layer) of every cell of `adata` (genes matched by name)."""
         return self.embed_and_classify(self.aligned_matrix(adata), device, chunk_size)[0]
 
-    def predict(
+    def embed_and_predict(
         self, adata: AnnData, *, device: torch.device = CPU, chunk_size: int = 4096
-    ) -> tuple[pd.Categorical, np.ndarray]:
-        """Predicted classes (categorical over `classes`) and class probabilities of every cell of `adata`."""
-        proba = self.embed_and_classify(self.aligned_matrix(adata), device, chunk_size)[1]
-        return pd.Categorical.from_codes(proba.argmax(axis=1), categories=self.classes), proba
+    ) -> tuple[np.ndarray, pd.Categorical, np.ndarray]:
+        """Embedding, predicted classes (categorical over `classes`) and class probabilities of `adata`."""
+        embedding, proba = self.embed_and_classify(self.aligned_matrix(adata), device, chunk_size)
+        return embedding, pd.Categorical.from_codes(proba.argmax(axis=1), categories=self.classes), proba
 
     # ------------------------------------------------------------------ persistence
     def _config(self) -> dict:

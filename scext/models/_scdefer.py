@@ -699,24 +699,6 @@ class Scdefer(Model):
         _, z, proba = self.embed_counts(matrix, columns, device=device, chunk_size=chunk_size)
         return z, self.labels(proba), proba
 
-    def predict(
-        self,
-        adata: AnnData,
-        *,
-        device: str | torch.device = CPU,
-        chunk_size: int = 4096,
-        allow_noninteger: bool = False,
-    ) -> tuple[pd.Categorical, np.ndarray]:
-        """Clusters (categorical over the training clusters) and Q (cells x all K centres) of `adata`'s cells.
-
-        The cluster is the argmax of Q (eq. 16) against the learned centres, among the clusters that
-        training cells occupy; a centre no training cell chose is never predicted.
-        """
-        _, labels, proba = self.embed_and_predict(
-            adata, device=device, chunk_size=chunk_size, allow_noninteger=allow_noninteger
-        )
-        return labels, proba
-
     # ------------------------------------------------------------------ persistence
     def _config(self) -> dict:
         return {

@@ -296,7 +296,7 @@ def cicl_predict(
     start = logg.info("placing cells with a trained CICL model")
     torch_device = resolve_device(device)
     model = Cicl.resolve(model, key)
-    labels, proba, embedding = model.predict(adata, device=torch_device, chunk_size=chunk_size)
+    embedding, labels, proba = model.embed_and_predict(adata, device=torch_device, chunk_size=chunk_size)
     if copy:
         adata = adata.copy()
     adata.obsm[f"X_{key_added}"] = embedding
