@@ -88,7 +88,9 @@ def main() -> None:
     )
     parser.add_argument("--datasets", nargs="*", default=DATASETS)
     parser.add_argument("--ablation", default=None, help="data set for the fusion_weight / no-ZINB ablation")
-    parser.add_argument("--ablations", nargs="*", choices=["fusion_weight", "zinb"], default=["fusion_weight", "zinb"])
+    parser.add_argument(
+        "--ablations", nargs="*", choices=["fusion_weight", "zinb"], default=["fusion_weight", "zinb"]
+    )
     parser.add_argument("--n-pretrain-epochs", type=int, default=250)
     parser.add_argument("--n-epochs", type=int, default=250)
     parser.add_argument("--device", default="auto")
