@@ -211,3 +211,30 @@ def edge_index(graph: sp.spmatrix, device: torch.device | str = "cpu") -> torch.
     coo = sp.coo_matrix(graph)
     index = np.vstack([coo.row, coo.col]).astype(np.int64)
     return torch.from_numpy(index).to(device)
+
+
+def leiden_codes(
+    embedding: np.ndarray, *, resolution: float = 1.0, n_neighbors: int = 15, random_state: int = 0
+) -> np.ndarray:
+    """Leiden clusters (codes 0 .. C-1) of an embedding: the one way scext clusters a latent space by graph.
+
+    The graph is the unweighted, symmetrised `n_neighbors`-NN graph of `knn_graph` (exact search up to
+    20,000 cells); Leiden is Scanpy's igraph implementation, two iterations, at `resolution`.
+    """
+    import pandas as pd
+    import scanpy as sc
+
+    embedding = np.asarray(embedding, dtype=np.float32)
+    n_cells = embedding.shape[0]
+    graph = knn_graph(embedding, min(n_neighbors, n_cells - 1), random_state=random_state)
+    work = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(n_cells)]))
+    sc.tl.leiden(
+        work,
+        adjacency=graph,
+        resolution=resolution,
+        random_state=random_state,
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+    )
+    return work.obs["leiden"].astype(int).to_numpy()

@@ -18,14 +18,12 @@ from .._utils import (
     ScaledColumns,
     SelectedColumns,
     column_mean_var,
-    is_integer_valued,
     matrix_source,
     resolve_device,
-    row_blocks,
-    stored_values,
 )
 from .._utils._arguments import renamed_arguments
-from .._utils._graph import edge_index, knn_graph
+from .._utils._genes import check_counts
+from .._utils._graph import edge_index, leiden_codes
 from ..train import train_loop
 from ..train._graph_batches import CellGraph, graph_partition, partition_plan
 from ._base import Model
@@ -401,7 +399,9 @@ class Scdefer(Model):
             matrix, columns = aligned.matrix, np.asarray(aligned.columns)
         else:
             matrix, columns = aligned, np.arange(aligned.shape[1])
-        check_counts(matrix, matrix_source(self.layer, self.use_raw), allow_noninteger, genes=False)
+        check_counts(
+            matrix, matrix_source(self.layer, self.use_raw), "scdefer", allow_noninteger=allow_noninteger
+        )
         return matrix, columns
 
     def input_rows(self, matrix, columns: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -534,7 +534,7 @@ class Scdefer(Model):
 
         (z,) = cells.map(lambda batch: encode(batch)[:1], device)
         if center_init == "leiden":
-            centers = _cluster_means(z, _leiden_codes(z, random_state))
+            centers = _cluster_means(z, leiden_codes(z.cpu().numpy(), random_state=random_state))
             if centers.shape[0] < 2:
                 raise ValueError(
                     "Leiden found a single cluster in the pretrained embedding; pass n_clusters."
@@ -768,65 +768,12 @@ class Scdefer(Model):
         return model
 
 
-def check_counts(matrix, source: str, allow_noninteger: bool, *, genes: bool = True) -> None:
-    """Raw counts only: the ZINB likelihood is undefined for negative and meaningless for scaled values.
-
-    Every cell needs counts (its size factor and normalisation divide by its total); with `genes` (the
-    training data) every gene too. Streamed in row blocks, so a backed matrix is never loaded whole.
-    """
-    low, whole = np.inf, True
-    empty_cells = 0
-    gene_totals = np.zeros(matrix.shape[1])
-    for _, block in row_blocks(matrix):
-        values = stored_values(block)
-        if values.size:
-            low = min(low, float(values.min()))
-            whole = whole and (allow_noninteger or is_integer_valued(block))
-        empty_cells += int((np.asarray(block.sum(axis=1)).ravel() == 0).sum())
-        if genes:
-            gene_totals += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
-    if low < 0:
-        raise ValueError(
-            f"{source} holds negative values; scdefer needs raw counts. Pass the raw-count layer "
-            "(layer='counts') or use_raw=True if adata.raw holds the counts."
-        )
-    if not whole:
-        raise ValueError(
-            f"{source} holds non-integer values (normalised or log data?); scdefer needs raw counts. Pass "
-            "the raw-count layer (layer='counts'), or allow_noninteger=True if these are corrected counts."
-        )
-    if empty_cells:
-        raise ValueError(
-            f"{empty_cells} cell(s) of {source} have no counts; their size factor is 0. "
-            "Remove them first: sc.pp.filter_cells(adata, min_counts=1)."
-        )
-    if genes and (gene_totals == 0).any():
-        raise ValueError(
-            f"{int((gene_totals == 0).sum())} gene(s) of {source} have no counts in any cell. Remove them "
-            "first: sc.pp.filter_genes(adata, min_counts=1)."
-        )
-
-
 def _check_finite_history(history: dict, stage: str, argument: str, rate: float) -> None:
     if not np.isfinite(history["loss"]).all():
         raise FloatingPointError(
             f"scDEFER's {stage} diverged (non-finite loss at {argument}={rate:g}); lower {argument}. "
             "adata was not modified."
         )
-
-
-def _leiden_codes(z: torch.Tensor, random_state: int) -> np.ndarray:
-    """Leiden clusters (resolution 1) of Z's unweighted 15-NN graph: K and centres when n_clusters is None."""
-    import scanpy as sc
-
-    embedding = z.cpu().numpy()
-    n_cells = embedding.shape[0]
-    graph = knn_graph(embedding, min(15, n_cells - 1), random_state=random_state)
-    work = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(n_cells)]))
-    sc.tl.leiden(
-        work, adjacency=graph, random_state=random_state, flavor="igraph", n_iterations=2, directed=False
-    )
-    return work.obs["leiden"].astype(int).to_numpy()
 
 
 def _spectral_codes(z: torch.Tensor, n_clusters: int, random_state: int) -> np.ndarray:

@@ -24,7 +24,8 @@ from .._utils import (
     stored_values,
 )
 from .._utils._arguments import renamed_arguments
-from .._utils._graph import knn_graph, neighbors_graph, undirected_edges
+from .._utils._genes import highly_variable_column, highly_variable_genes
+from .._utils._graph import knn_graph, leiden_codes, neighbors_graph, undirected_edges
 from ..models._base import params_record
 from ..models._cellvgae import CONVOLUTIONS, REGULARIZERS, CellVGAE, default_regularizer_weight
 from ..models._reference import MAX_REFERENCE_CELLS
@@ -519,22 +520,11 @@ def _gene_selection(
     """Column indices of the genes to use: top variable, the highly_variable column, or all."""
     n_genes = matrix.shape[1]
     if n_top_genes is None:
-        if not use_raw and "highly_variable" in adata.var:
-            selected = np.flatnonzero(adata.var["highly_variable"].to_numpy(bool))
-            if len(selected) == 0:
-                raise ValueError("var['highly_variable'] selects no gene; pass n_top_genes instead.")
-            return selected
-        return np.arange(n_genes)
+        selected = highly_variable_column(adata, use_raw)
+        return np.arange(n_genes) if selected is None else selected
     if not 1 <= n_top_genes <= n_genes:
         raise ValueError(f"{argument}={n_top_genes} must be between 1 and the number of genes ({n_genes}).")
-    if n_top_genes == n_genes:
-        return np.arange(n_genes)
-    import scanpy as sc
-
-    variable = sc.pp.highly_variable_genes(
-        AnnData(matrix), n_top_genes=n_top_genes, flavor="seurat", inplace=False
-    )
-    return np.flatnonzero(variable["highly_variable"].to_numpy(bool))
+    return highly_variable_genes(matrix, n_top_genes)
 
 
 def _warn_if_counts(matrix) -> None:
@@ -553,19 +543,7 @@ def _min_cluster_size(min_cluster_size: int | None, n_cells: int) -> int:
 def _cluster(embedding, method, min_cluster_size, resolution, random_state) -> pd.Categorical:
     n_cells = embedding.shape[0]
     if method == "leiden":
-        import scanpy as sc
-
-        work = AnnData(obsm={"X_latent": embedding}, obs=pd.DataFrame(index=[str(i) for i in range(n_cells)]))
-        sc.pp.neighbors(work, use_rep="X_latent", n_neighbors=min(15, n_cells - 1), random_state=random_state)
-        sc.tl.leiden(
-            work,
-            resolution=resolution,
-            random_state=random_state,
-            flavor="igraph",
-            n_iterations=2,
-            directed=False,
-        )
-        codes = work.obs["leiden"].astype(int).to_numpy()
+        codes = leiden_codes(embedding, resolution=resolution, random_state=random_state)
     else:
         import umap
         from sklearn.cluster import HDBSCAN

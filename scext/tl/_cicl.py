@@ -4,7 +4,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import scanpy as sc
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
@@ -12,9 +11,9 @@ from scanpy import logging as logg
 
 from .._docs import doc_params
 from .._utils import (
+    SelectedColumns,
     column_mean_var,
     get_matrix,
-    is_integer_valued,
     matrix_source,
     resolve_device,
     row_blocks,
@@ -22,6 +21,7 @@ from .._utils import (
     stored_values,
 )
 from .._utils._arguments import renamed_arguments
+from .._utils._genes import highly_variable_column, highly_variable_genes, is_counts
 from ..models import Cicl
 from ..models._base import params_record
 from ..models._cicl import smallest_batch
@@ -104,7 +104,8 @@ def cicl(
         matrix holds non-negative integers (counts), else ``False``. Non-integer abundances such as RPKM or
         TPM need ``preprocess=True`` to be treated like counts.
     n_top_genes
-        t of sec. 2.1 (the paper's 500); all genes are kept when there are fewer.
+        t of sec. 2.1 (the paper's 500); all genes are kept when there are fewer. ``None``: the genes
+        ``var["highly_variable"]`` flags when that column exists, else all (as every scext tool).
     n_layers, n_heads, head_dim, feedforward_dim, projection_sizes
         Transformer layers (paper: 4), attention heads and their width (``head_dim`` defaults to genes //
         heads; the paper gives neither), feed-forward width (eq. 6: genes -> 1024 -> genes, Table 2's
@@ -177,7 +178,14 @@ def cicl(
         )
     rng, generator = seed_everything(random_state)
     data, genes, scaler, preprocessing, size_factor_median = _prepare(
-        matrix, var_names, preprocess, n_top_genes, layer, use_raw, rng
+        matrix,
+        var_names,
+        preprocess,
+        n_top_genes,
+        layer,
+        use_raw,
+        rng,
+        flagged=highly_variable_column(adata, use_raw) if n_top_genes is None else None,
     )
     # noise and K-means seeding draw on the device itself, so a GPU run never waits on the host
     step_generator = torch.Generator(device=torch_device)
@@ -329,8 +337,10 @@ def _check_arguments(n_clusters, n_cells, batch_size, n_top_genes, preprocess, c
             f"batch_size={batch_size} gives minibatches of {smallest_batch(n_cells, batch_size)} cells, fewer "
             f"than n_clusters={n_clusters}; the per-step K-means needs at least K cells. Raise batch_size."
         )
-    if not isinstance(n_top_genes, (int, np.integer)) or n_top_genes < MIN_GENES:
-        raise ValueError(f"n_top_genes must be an int of at least {MIN_GENES}, got {n_top_genes!r}.")
+    if n_top_genes is not None and (
+        not isinstance(n_top_genes, (int, np.integer)) or n_top_genes < MIN_GENES
+    ):
+        raise ValueError(f"n_top_genes must be an int of at least {MIN_GENES}, or None; got {n_top_genes!r}.")
     if preprocess not in (True, False, "auto"):
         raise ValueError(f"preprocess must be True, False or 'auto', got {preprocess!r}.")
     if cluster_weight < 0:
@@ -339,30 +349,31 @@ def _check_arguments(n_clusters, n_cells, batch_size, n_top_genes, preprocess, c
         raise ValueError(f"n_epochs must be a non-negative int, got {n_epochs!r}.")
 
 
-def _is_counts(matrix) -> bool:
-    return all(_counts_like(stored_values(block)) for _, block in row_blocks(matrix))
-
-
-def _counts_like(values: np.ndarray) -> bool:
-    return bool(values.size == 0 or (values.min() >= 0 and is_integer_valued(values)))
-
-
-def _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw, rng):
+def _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw, rng, flagged=None):
     """The model input, its genes, the per-gene z-scoring (centre, scale), a description of what was done,
     and the median library size the size factors divide by (None without preprocessing).
 
     Every pass over `matrix` is streamed in row blocks, so backed input is never read whole; the input kept
-    for training is the sparse log-normalised matrix of the selected genes, z-scored per minibatch.
+    for training is the sparse log-normalised matrix of the selected genes, z-scored per minibatch. With
+    ``n_top_genes=None``, the genes are `flagged` (``var["highly_variable"]``) when given, else all.
     """
     source = matrix_source(layer, use_raw)
     n_cells, n_genes = matrix.shape
     if preprocess == "auto":
-        preprocess = _is_counts(matrix)
+        preprocess = is_counts(matrix)
     if not preprocess:
         if n_genes > MANY_GENES:
             logg.warning(
                 f"{source} has {n_genes} genes and preprocess=False: the model is as wide as the "
                 "input; select highly variable genes first, or pass counts with preprocess=True."
+            )
+        if flagged is not None:
+            return (
+                SelectedColumns(matrix, flagged),
+                var_names[flagged],
+                None,
+                f"none ({source} used as given, genes of var['highly_variable'])",
+                None,
             )
         return matrix, var_names, None, f"none ({source} used as given)", None
     # one pass over the data for the sign check and both sums (a backed matrix is read from disk each pass)
@@ -405,15 +416,14 @@ def _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw, rng):
         np.log1p(out.data, out=out.data)
         return out
 
-    n_selected = min(n_top_genes, len(expressed))
+    if n_top_genes is None and flagged is not None:
+        expressed = np.intersect1d(expressed, flagged)
+    n_selected = len(expressed) if n_top_genes is None else min(n_top_genes, len(expressed))
     sampled = n_cells > HVG_MAX_CELLS
     if n_selected < len(expressed):
         # Scanpy's own HVG selection (normalised dispersion, flavour seurat), on a seeded sample of an atlas
         rows = np.sort(rng.choice(n_cells, HVG_MAX_CELLS, replace=False)) if sampled else None
-        work = AnnData(log_normalised(rows, expressed))
-        sc.pp.highly_variable_genes(work, flavor="seurat", n_top_genes=n_selected)
-        genes = expressed[work.var["highly_variable"].to_numpy()]
-        del work
+        genes = expressed[highly_variable_genes(log_normalised(rows, expressed), n_selected)]
     else:
         genes = expressed
     data = log_normalised(None, genes)
@@ -423,8 +433,13 @@ def _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw, rng):
     scale[scale == 0] = 1.0
     description = (
         f"sec. 2.1 on {source}: genes with counts, size factors (normalize_total), log1p, "
-        f"top {len(genes)} genes by normalised dispersion (seurat"
-        + (f", on {HVG_MAX_CELLS:,} sampled cells" if sampled and len(genes) < len(expressed) else "")
-        + "), z-score"
+        + (
+            f"{len(genes)} genes of var['highly_variable']"
+            if n_top_genes is None and flagged is not None
+            else f"top {len(genes)} genes by normalised dispersion (seurat"
+            + (f", on {HVG_MAX_CELLS:,} sampled cells" if sampled and len(genes) < len(expressed) else "")
+            + ")"
+        )
+        + ", z-score"
     )
     return data, var_names[genes], (center, scale), description, float(np.median(totals))

@@ -12,10 +12,11 @@ from scanpy import logging as logg
 from .._docs import doc_params
 from .._utils import dense_columns, get_matrix, matrix_source, resolve_device, seed_everything
 from .._utils._arguments import renamed_arguments
+from .._utils._genes import check_counts, highly_variable_column, highly_variable_genes
 from .._utils._graph import knn_graph, neighbors_graph
 from ..models._base import params_record
 from ..models._reference import MAX_REFERENCE_CELLS
-from ..models._scdefer import CENTER_INITS, Scdefer, check_counts
+from ..models._scdefer import CENTER_INITS, Scdefer
 from ..train._graph_batches import graph_training_mode
 
 
@@ -102,7 +103,8 @@ def scdefer(
         accepted.
     n_top_genes
         Genes modelled: this many highly variable genes (Scanpy's ``seurat`` flavour on a normalised,
-        log1p copy); ``None`` or at least the number of genes models all.
+        log1p copy; all genes when there are no more). ``None``: the genes ``var["highly_variable"]``
+        flags when that column exists, else all.
     neighbors_key
         Use the edges of an existing ``sc.pp.neighbors`` graph instead of building a kNN graph on the
         log-normalised expression of the modelled genes.
@@ -204,7 +206,7 @@ def scdefer(
     source = matrix_source(layer, use_raw)
     n_cells, n_genes = matrix.shape
     mode = graph_training_mode(training, n_cells)
-    check_counts(matrix, source, allow_noninteger)
+    check_counts(matrix, source, "scdefer", allow_noninteger=allow_noninteger, genes=True)
     if n_clusters is not None and n_clusters >= n_cells:
         raise ValueError(f"n_clusters={n_clusters} must be below the number of cells ({n_cells}).")
     if neighbors_key is None and not 1 <= n_neighbors < n_cells:
@@ -231,11 +233,11 @@ def scdefer(
     )
     sc.pp.normalize_total(work)
     sc.pp.log1p(work)
-    if n_top_genes is None or n_top_genes >= n_genes:
-        genes = np.arange(n_genes)
+    if n_top_genes is None:
+        genes = highly_variable_column(adata, use_raw)
+        genes = np.arange(n_genes) if genes is None else genes
     else:
-        variable = sc.pp.highly_variable_genes(work, n_top_genes=n_top_genes, flavor="seurat", inplace=False)
-        genes = np.flatnonzero(variable["highly_variable"].to_numpy(bool))
+        genes = highly_variable_genes(work.X, n_top_genes)
     # kept sparse: the z-scoring (sc.pp.scale's, clipped at 10) is applied a minibatch of rows at a time
     log_expression = work.X if len(genes) == n_genes else work.X[:, genes]
     del work
