@@ -4,6 +4,7 @@ object, apply to the other 20 % with the genes shuffled and extra genes; safe an
 from __future__ import annotations
 
 import json
+import pickle
 import time
 import warnings
 
@@ -15,16 +16,20 @@ from sklearn.metrics import adjusted_rand_score
 from test_kratos import assert_untouched, snapshot
 
 import scext
-from scext.models import Cicl, Kratos
+from scext.models import CellVGAE, Cicl, Kratos, Scdefer
 
 PAYLOAD_RAN = []
 
 
+def run_payload():
+    PAYLOAD_RAN.append("ran")  # a crafted file would call os.system here
+
+
 class Payload:
-    """Unpickling this calls PAYLOAD_RAN.append: a stand-in for code a crafted model file would run."""
+    """Unpickling this calls run_payload: a stand-in for code a crafted model file would run."""
 
     def __reduce__(self):
-        return (PAYLOAD_RAN.append, ("ran",))
+        return (run_payload, ())
 
 
 def counts_toy(n_cells=300, random_state=0):
@@ -208,19 +213,35 @@ def test_kratos_saved_model_places_new_cells(tmp_path):
 # ------------------------------------------------------------------ files: every model class
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory, cicl_split):
+    """One small trained model of every class, saved to its own folder."""
+    import scanpy as sc
+
     folder = tmp_path_factory.mktemp("models")
-    reference, _ = split_80_20(counts_toy())
-    kratos = train_kratos(reference)
-    kratos.save(folder / "kratos")
+    reference, _ = split_80_20(counts_toy(n_cells=150))
+    train_kratos(reference.copy()).save(folder / "kratos")
     cicl_split[2].save(folder / "cicl")
-    return {Kratos: folder / "kratos", Cicl: folder / "cicl"}
+    small = {"n_epochs": 2, "device": "cpu", "progress_bar": False}
+    counts = reference.copy()
+    scext.tl.scdefer(
+        counts, n_clusters=3, n_pretrain_epochs=2, hidden_sizes=(16, 8, 4), decoder_sizes=(8, 16), **small
+    )
+    Scdefer.from_adata(counts).save(folder / "scdefer")
+    log = reference.copy()
+    sc.pp.normalize_total(log)
+    sc.pp.log1p(log)
+    scext.tl.cellvgae(log, hidden_sizes=(8, 4), n_heads=1, cluster_method="leiden", **small)
+    CellVGAE.from_adata(log).save(folder / "cellvgae")
+    return {model_class: folder / model_class.name for model_class in MODEL_CLASSES}
 
 
-MODEL_CLASSES = [Kratos, Cicl]
+MODEL_CLASSES = [Kratos, Cicl, CellVGAE, Scdefer]
 
 
 @pytest.mark.parametrize("model_class", MODEL_CLASSES, ids=lambda c: c.__name__)
 def test_model_file_with_pickle_payload_is_not_executed(model_class, tmp_path):
+    pickle.loads(pickle.dumps(Payload()))  # the payload is real: plain unpickling runs it
+    assert PAYLOAD_RAN == ["ran"]
+    PAYLOAD_RAN.clear()
     torch.save({"header": Payload()}, tmp_path / model_class.file_name())
     with pytest.raises(ValueError, match="cannot be read safely|not a scext model"):
         model_class.load(tmp_path)
@@ -293,3 +314,36 @@ def test_kratos_reads_models_stored_before_the_shared_interface():
     }
     again = Kratos.from_dict(legacy)
     np.testing.assert_array_equal(again.transform(reference), model.transform(reference))
+
+
+def test_every_tool_honours_the_highly_variable_column_when_n_top_genes_is_none():
+    import scanpy as sc
+
+    counts = counts_toy(n_cells=90)
+    flagged = np.zeros(counts.n_vars, dtype=bool)
+    flagged[::2] = True
+    counts.var["highly_variable"] = flagged
+    small = {"n_epochs": 1, "device": "cpu", "progress_bar": False, "keep_model": False, "copy": True}
+    cicl = scext.tl.cicl(
+        counts, n_clusters=3, n_top_genes=None, n_layers=1, n_heads=2, feedforward_dim=8,
+        projection_sizes=(8, 4), kmeans_n_init=1, **small,
+    )  # fmt: skip
+    assert list(cicl.uns["cicl"]["genes"]) == list(counts.var_names[flagged])
+    scdefer = scext.tl.scdefer(
+        counts, n_clusters=3, n_top_genes=None, n_pretrain_epochs=1, hidden_sizes=(8, 4), decoder_sizes=(8,),
+        **small,
+    )  # fmt: skip
+    np.testing.assert_array_equal(scdefer.var["scdefer_modelled"], flagged)
+    log = counts.copy()
+    sc.pp.normalize_total(log)
+    sc.pp.log1p(log)
+    cellvgae = scext.tl.cellvgae(
+        log, n_top_genes=None, hidden_sizes=(8, 4), n_heads=1, cluster_method=None, **small
+    )
+    np.testing.assert_array_equal(cellvgae.var["cellvgae_feature"], flagged)
+    # a number means the tool's own selection, whatever the column says
+    own = scext.tl.scdefer(
+        counts, n_clusters=3, n_top_genes=20, n_pretrain_epochs=1, hidden_sizes=(8, 4), decoder_sizes=(8,),
+        **small,
+    )  # fmt: skip
+    assert own.var["scdefer_modelled"].sum() == 20
