@@ -73,6 +73,9 @@ def get_matrix(adata: AnnData, layer: str | None = None, use_raw: bool = False, 
             matrix.sort_indices()
     elif not isinstance(matrix, np.ndarray) and not is_backed(matrix):
         matrix = np.asarray(matrix)
+    if not is_backed(matrix) and matrix.dtype == np.float16:
+        # half precision overflows above 65,504 (library sizes) and loses counts above 2,048: compute in float32
+        matrix = matrix.astype(np.float32)
     check_finite(matrix, source)
     if layer is not None and "count" in layer.lower() and min_value(matrix) < 0:
         raise ValueError(

@@ -20,3 +20,25 @@ def seed_everything(random_state: int) -> tuple[np.random.Generator, torch.Gener
     generator = torch.Generator()
     generator.manual_seed(int(random_state))
     return np.random.default_rng(int(random_state)), generator
+
+
+def preserves_global_rng(function):
+    """Run `function` with the caller's global random states (Python, numpy, torch CPU and CUDA) restored after.
+
+    Tools seed the global generators for third-party code that draws from them (weight initialisation,
+    UMAP); the caller's own random streams are left as they were, whatever the tool drew or raised.
+    """
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            try:
+                return function(*args, **kwargs)
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)  # noqa: NPY002
+
+    return wrapper

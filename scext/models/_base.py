@@ -149,7 +149,13 @@ class Model:
             raise KeyError(
                 f"adata.uns[{key!r}] holds no {cls.method} model; run {cls.tool}(adata, ...) first."
             )
-        return cls.from_dict(adata.uns[key]["model"])
+        try:
+            return cls.from_dict(adata.uns[key]["model"])
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"adata.uns[{key!r}]['model'] is not a readable {cls.method} model ({type(err).__name__}: {err}); "
+                f"it was edited or damaged. Retrain with {cls.tool}."
+            ) from None
 
     @classmethod
     def resolve(cls, model, key: str | None = None) -> Model:
@@ -289,7 +295,9 @@ def params_record(function, arguments: Mapping[str, Any], **resolved) -> dict:
     Values become types an h5ad file stores: sequences of numbers become numpy arrays, `torch.device` its
     string, and AnnData / matrices are left out. The scext version is always added.
     """
-    record = {}
+    record = {
+        "tool": function.__name__
+    }  # claims the key_added namespace (`scext._utils._contract.claim_slots`)
     for name in inspect.signature(function).parameters:
         if name in ("adata", "model") or name not in arguments:
             continue

@@ -41,15 +41,19 @@ class CellSelfAttention(nn.Module):
         self.out = nn.Linear(n_heads * head_dim, n_genes, bias=False)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        # cells x (h d) -> 1 x h x cells x d: one "sequence" whose elements are the cells
-        return x.view(x.shape[0], self.n_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+        # [views x] cells x (h d) -> [views x] h x cells x d: one "sequence" whose elements are the cells
+        return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(-3, -2)
 
     def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """softmax(Q K^T / sqrt(d)) V per head, concatenated and mapped back to genes by W^O."""
+        """softmax(Q K^T / sqrt(d)) V per head, concatenated and mapped back to the width by W^O.
+
+        A leading dimension (several views of one minibatch) is a batch of independent sequences: the
+        cells of one view attend to the cells of the same view only.
+        """
         attended = F.scaled_dot_product_attention(
             self._heads(queries), self._heads(keys), self._heads(values)
         )
-        return self.out(attended.squeeze(0).transpose(0, 1).reshape(queries.shape[0], -1))
+        return self.out(attended.transpose(-3, -2).flatten(-2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attend(self.query(x), self.key(x), self.value(x))
@@ -95,7 +99,12 @@ class CiclEncoderLayer(nn.Module):
 
 
 class CiclNet(nn.Module):
-    """Transformer encoder (genes -> representation H of the same width) plus the projection head (eq. 10)."""
+    """Transformer encoder (input -> representation H of the same width) plus the projection head (eq. 10).
+
+    The input is the z-scored genes (the paper), or, with `n_pcs`, their projection onto `n_pcs` fixed
+    principal axes (`components`, genes x n_pcs, set from the training data and never trained); the
+    transformer and H are then `n_pcs` wide.
+    """
 
     def __init__(
         self,
@@ -105,24 +114,32 @@ class CiclNet(nn.Module):
         head_dim: int | None = None,
         feedforward_dim: int = 1024,
         projection_sizes: Sequence[int] = (1024, 512),
+        n_pcs: int | None = None,
     ):
         super().__init__()
-        head_dim = max(1, n_genes // n_heads) if head_dim is None else head_dim
+        width = n_genes if n_pcs is None else n_pcs
+        self.width = width
+        head_dim = max(1, width // n_heads) if head_dim is None else head_dim
         # per-gene z-scoring applied to each minibatch, so the stored input can stay sparse
         self.register_buffer("center", torch.zeros(n_genes))
         self.register_buffer("scale", torch.ones(n_genes))
+        if n_pcs is not None:
+            self.register_buffer("components", torch.eye(n_genes, n_pcs))
+        else:
+            self.components = None
         self.layers = nn.ModuleList(
-            CiclEncoderLayer(n_genes, n_heads, head_dim, feedforward_dim) for _ in range(n_layers)
+            CiclEncoderLayer(width, n_heads, head_dim, feedforward_dim) for _ in range(n_layers)
         )
         head: list[nn.Module] = []
-        width = n_genes
         for size in projection_sizes:
             head += [nn.Linear(width, size, bias=False), nn.ReLU()]
             width = size
         self.projection = nn.Sequential(*head[:-1])  # eq. 10: W3 ReLU(W4 H), no activation on the output
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.center) / self.scale
+        """The transformer's input: z-scored genes, projected onto the principal axes when there are any."""
+        x = (x - self.center) / self.scale
+        return x if self.components is None else x @ self.components
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -274,8 +291,9 @@ class Cicl(Model):
             h = net.encode(x)
             centers, _ = kmeans(h, self.n_clusters, max_iter=self.kmeans_iter, generator=generator)
             pseudo_labels = student_t(h, centers, self.student_t_dof).argmax(dim=1)
-        z1 = net.projection(net.encode(gaussian_view(x, generator)))
-        z2 = net.projection(net.encode(gaussian_view(x, generator)))
+        # both views go through the encoder as one batch of two sequences (each view attends to itself)
+        views = torch.stack([gaussian_view(x, generator), gaussian_view(x, generator)])
+        z1, z2 = net.projection(net.encode(views)).unbind(0)
         instance = instance_loss(z1, z2, self.temperature)
         cluster = cluster_loss(z1, z2, pseudo_labels, self.temperature)
         self.last_pseudo_labels, self.last_centers = pseudo_labels, centers
@@ -423,7 +441,7 @@ class Cicl(Model):
                     "The model log-normalises counts, but the input holds negative values; pass the count "
                     f"layer it was trained on (layer={self.layer!r})."
                 )
-            totals[rows] = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+            totals[rows] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
         if (totals <= 0).any():
             raise ValueError(
                 f"{int((totals <= 0).sum())} cell(s) have no counts, so they have no size factor; remove them "

@@ -24,8 +24,10 @@ from .._utils import (
     stored_values,
 )
 from .._utils._arguments import renamed_arguments
+from .._utils._contract import check_adata, check_int, check_ints, check_number, claim_slots
 from .._utils._genes import highly_variable_column, highly_variable_genes
 from .._utils._graph import knn_graph, leiden_codes, neighbors_graph, undirected_edges
+from .._utils._random import preserves_global_rng
 from ..models._base import params_record
 from ..models._cellvgae import CONVOLUTIONS, REGULARIZERS, CellVGAE, default_regularizer_weight
 from ..models._reference import MAX_REFERENCE_CELLS
@@ -40,6 +42,7 @@ _DEFAULT_HIDDEN = (128, 128, 50)
 
 
 @renamed_arguments(heads="n_heads")
+@preserves_global_rng
 @doc_params
 def cellvgae(
     adata: AnnData,
@@ -205,14 +208,26 @@ def cellvgae(
         )
         hidden = _OLD_DEFAULT_HIDDEN if hidden_sizes is _DEFAULT_HIDDEN else tuple(hidden_sizes)
         hidden_sizes = (*hidden, latent_size)
+    check_adata(adata, "cellvgae", copy=copy)
+    check_ints(hidden_sizes, "hidden_sizes")
+    check_ints(n_heads, "n_heads")
     hidden_sizes = tuple(int(size) for size in hidden_sizes)
     torch_device = resolve_device(device)
     custom_graph = not isinstance(graph, str)
     _check_choices(conv, regularizer, "knn" if custom_graph else graph, cluster_method)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1.")
-    if max_reference_cells < 1:
-        raise ValueError(f"max_reference_cells={max_reference_cells} must be at least 1.")
+    check_int(batch_size, "batch_size")
+    check_int(max_reference_cells, "max_reference_cells")
+    check_int(n_epochs, "n_epochs", minimum=0)
+    check_int(n_neighbors, "n_neighbors")
+    check_int(n_marker_genes, "n_marker_genes")
+    check_int(min_cluster_size, "min_cluster_size", minimum=2, allow_none=True)
+    check_int(n_top_genes, "n_top_genes", allow_none=True)
+    check_int(graph_n_top_genes, "graph_n_top_genes", allow_none=True)
+    check_number(lr, "lr", low=0, open_low=True)
+    check_number(resolution, "resolution", low=0, open_low=True)
+    if regularizer_weight is not None:
+        check_number(regularizer_weight, "regularizer_weight", low=0)
+    claim_slots(adata, "cellvgae", key_added, key_added, _slots(key_added))
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
     n_cells = matrix.shape[0]
     if custom_graph and neighbors_key is not None:
@@ -376,6 +391,7 @@ def cellvgae(
     return adata if copy else None
 
 
+@preserves_global_rng
 @doc_params
 def cellvgae_predict(
     adata: AnnData,
@@ -420,11 +436,28 @@ def cellvgae_predict(
     A model trained with ``cluster_method=None`` has no clusters: then only ``obsm["X_<key_added>"]`` and
     ``uns["<key_added>_predict"]`` (with ``categories`` None) are written, and a warning says so.
     """
+    arguments = dict(locals())
     key_added = key if key_added is None else key_added
     start = logg.info("embedding cells with a trained CellVGAE model")
+    check_adata(adata, "cellvgae_predict", copy=copy)
+    check_int(chunk_size, "chunk_size")
     torch_device = resolve_device(device)
     reference = model
     model = CellVGAE.resolve(model, key)
+    model.aligned_matrix(adata)  # the genes first: a missing gene is the error to see, whatever else is wrong
+    claim_slots(
+        adata,
+        "cellvgae_predict",
+        key_added,
+        f"{key_added}_predict",
+        [
+            ("obsm", f"X_{key_added}"),
+            ("obs", key_added),
+            ("obsm", f"{key_added}_proba"),
+            ("uns", f"{key_added}_predict"),
+            ("uns", f"{key_added}_colors"),
+        ],
+    )
     labels = proba = None
     if model.categories is None:
         embedding = model.transform(adata, device=torch_device, chunk_size=chunk_size)
@@ -444,6 +477,7 @@ def cellvgae_predict(
         if colors is not None and len(colors) == len(model.categories):
             adata.uns[f"{key_added}_colors"] = list(colors)
     adata.uns[f"{key_added}_predict"] = {
+        "params": params_record(cellvgae_predict, arguments, key_added=key_added, device=torch_device),
         "categories": None if model.categories is None else np.asarray(model.categories, dtype=object),
         "n_reference_cells": int(model.reference.n_cells),
     }
@@ -455,6 +489,18 @@ def cellvgae_predict(
         + f", '{key_added}_predict' (adata.uns)",
     )
     return adata if copy else None
+
+
+def _slots(key_added: str) -> list[tuple[str, str]]:
+    """The slots `cellvgae` writes under `key_added`."""
+    return [
+        ("obsm", f"X_{key_added}"),
+        ("obs", key_added),
+        ("obsp", f"{key_added}_attention"),
+        ("varm", f"{key_added}_loadings"),
+        ("var", f"{key_added}_feature"),
+        ("uns", key_added),
+    ]
 
 
 def cellvgae_marker_genes(

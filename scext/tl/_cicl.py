@@ -21,7 +21,9 @@ from .._utils import (
     stored_values,
 )
 from .._utils._arguments import renamed_arguments
+from .._utils._contract import check_adata, check_int, check_ints, check_number, claim_slots
 from .._utils._genes import highly_variable_column, highly_variable_genes, is_counts
+from .._utils._random import preserves_global_rng
 from ..models import Cicl
 from ..models._base import params_record
 from ..models._cicl import smallest_batch
@@ -37,6 +39,7 @@ HVG_MAX_CELLS = 100_000
 
 
 @renamed_arguments(alpha="student_t_dof")
+@preserves_global_rng
 @doc_params
 def cicl(
     adata: AnnData,
@@ -159,8 +162,20 @@ def cicl(
         with `keep_model`, ``model`` (`scext.models.Cicl.from_adata` rebuilds it; `scext.tl.cicl_predict`
         uses it).
     """
-    arguments = locals()
+    arguments = dict(locals())
     start = logg.info("clustering cells with CICL")
+    check_adata(adata, "cicl", copy=copy)
+    check_int(n_layers, "n_layers", minimum=0)
+    check_int(n_heads, "n_heads")
+    check_int(head_dim, "head_dim", allow_none=True)
+    check_int(feedforward_dim, "feedforward_dim")
+    check_ints(projection_sizes, "projection_sizes")
+    check_int(kmeans_iter, "kmeans_iter")
+    check_int(kmeans_n_init, "kmeans_n_init")
+    check_number(temperature, "temperature", low=0, open_low=True)
+    check_number(student_t_dof, "student_t_dof", low=0, open_low=True)
+    check_number(lr, "lr", low=0, open_low=True)
+    claim_slots(adata, "cicl", key_added, key_added, _slots(key_added))
     torch_device = resolve_device(device)
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw, backed=True)
     n_cells = matrix.shape[0]
@@ -266,6 +281,7 @@ def cicl(
     return adata if copy else None
 
 
+@preserves_global_rng
 @doc_params
 def cicl_predict(
     adata: AnnData,
@@ -300,19 +316,33 @@ def cicl_predict(
     `None`, or the copy when ``copy=True``. Writes ``obsm["X_<key_added>"]``, ``obs["<key_added>"]`` and
     ``obsm["<key_added>_proba"]`` as `scext.tl.cicl` does, and ``uns["<key_added>_predict"]["categories"]``.
     """
+    arguments = dict(locals())
     key_added = key if key_added is None else key_added
     start = logg.info("placing cells with a trained CICL model")
+    check_adata(adata, "cicl_predict", copy=copy)
+    check_int(chunk_size, "chunk_size", allow_none=True)
     torch_device = resolve_device(device)
     model = Cicl.resolve(model, key)
+    model.aligned_matrix(adata)  # the genes first: a missing gene is the error to see, whatever else is wrong
+    claim_slots(adata, "cicl_predict", key_added, f"{key_added}_predict", _slots(key_added, predict=True))
     embedding, labels, proba = model.embed_and_predict(adata, device=torch_device, chunk_size=chunk_size)
     if copy:
         adata = adata.copy()
     adata.obsm[f"X_{key_added}"] = embedding
     adata.obs[key_added] = labels
     adata.obsm[f"{key_added}_proba"] = proba
-    adata.uns[f"{key_added}_predict"] = {"categories": np.asarray(labels.categories, dtype=object)}
+    adata.uns[f"{key_added}_predict"] = {
+        "params": params_record(cicl_predict, arguments, key_added=key_added, device=torch_device),
+        "categories": np.asarray(labels.categories, dtype=object),
+    }
     logg.info("    finished", time=start, deep=f"added 'X_{key_added}', '{key_added}', '{key_added}_proba'")
     return adata if copy else None
+
+
+def _slots(key_added: str, predict: bool = False) -> list[tuple[str, str]]:
+    """The slots `cicl` (or, with `predict`, `cicl_predict`) writes under `key_added`."""
+    record = ("uns", f"{key_added}_predict") if predict else ("uns", key_added)
+    return [("obsm", f"X_{key_added}"), ("obs", key_added), ("obsm", f"{key_added}_proba"), record]
 
 
 def default_n_epochs(n_cells: int, batch_size: int) -> int:
@@ -381,8 +411,8 @@ def _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw, rng, fl
     for rows, block in row_blocks(matrix):
         values = stored_values(block)
         lowest = min(lowest, float(values.min())) if values.size else lowest
-        totals[rows] = np.asarray(block.sum(axis=1)).ravel()
-        gene_totals += np.asarray(block.sum(axis=0)).ravel()
+        totals[rows] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+        gene_totals += np.asarray(block.sum(axis=0, dtype=np.float64)).ravel()
     if lowest < 0:
         raise ValueError(
             f"preprocess=True needs non-negative counts, but {source} holds negative values; pass the count "

@@ -12,6 +12,8 @@ from sklearn.metrics import accuracy_score, f1_score
 from .._docs import doc_params
 from .._utils import get_matrix, matrix_source, resolve_device, seed_everything, stratified_split
 from .._utils._arguments import renamed_arguments
+from .._utils._contract import check_adata, check_int, check_ints, check_number, claim_slots
+from .._utils._random import preserves_global_rng
 from ..metrics import clustering_scores
 from ..models import Kratos, normalized_prior
 from ..models._base import params_record
@@ -22,6 +24,7 @@ SPLITS = ["train", "validation", "test", "unlabeled"]
 
 @renamed_arguments(pretrain_epochs="n_pretrain_epochs", init="weight_init")
 @rank_zero_logging
+@preserves_global_rng
 @doc_params
 def kratos(
     adata: AnnData,
@@ -135,13 +138,36 @@ def kratos(
         test cells), ``silhouette`` (of the test cells' embedding, grouped by `groupby`) and ``model`` (the
         trained network; `scext.models.Kratos.from_adata` rebuilds it, `scext.tl.kratos_predict` uses it).
     """
-    arguments = locals()
+    arguments = dict(locals())
     start = logg.info(f"training KRATOS classifier on {groupby!r}")
+    check_adata(adata, "kratos", copy=copy)
     torch_device = resolve_device(device)
     labels = _validated_labels(adata, groupby)
     _check_fractions(test_size, validation_size)
     if weight_init not in ("random", "autoencoder"):
         raise ValueError(f"weight_init={weight_init!r} is unknown; choose 'random' or 'autoencoder'.")
+    check_ints(hidden_sizes, "hidden_sizes")
+    check_int(n_epochs, "n_epochs")
+    check_int(n_pretrain_epochs, "n_pretrain_epochs", minimum=0)
+    check_int(batch_size, "batch_size")
+    check_int(patience, "patience", allow_none=True)
+    check_int(gene_dim, "gene_dim")
+    check_int(key_dim, "key_dim")
+    check_number(lr, "lr", low=0, open_low=True)
+    claim_slots(
+        adata,
+        "kratos",
+        key_added,
+        key_added,
+        [
+            ("obsm", f"X_{key_added}"),
+            ("obsm", f"{key_added}_proba"),
+            ("obs", f"{key_added}_pred"),
+            ("obs", f"{key_added}_split"),
+            ("uns", key_added),
+            ("uns", f"{key_added}_pred_colors"),
+        ],
+    )
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw, backed=True)
     prior = _prior(adata, prior_graph, prior_diagonal, use_raw)
     rng, generator = seed_everything(random_state)
@@ -233,6 +259,7 @@ def kratos(
 
 
 @renamed_arguments(batch_size="chunk_size")
+@preserves_global_rng
 @doc_params
 def kratos_predict(
     adata: AnnData,
@@ -262,11 +289,28 @@ def kratos_predict(
     `None`, or the copy when ``copy=True``. Writes ``obsm["X_<key_added>"]``, ``obsm["<key_added>_proba"]``,
     ``obs["<key_added>_pred"]`` as `scext.tl.kratos` does, and ``uns["<key_added>_predict"]["classes"]``.
     """
+    arguments = dict(locals())
     key_added = key if key_added is None else key_added
     start = logg.info("classifying cells with a trained KRATOS model")
+    check_adata(adata, "kratos_predict", copy=copy)
+    check_int(chunk_size, "chunk_size")
     torch_device = resolve_device(device)
     reference = model
     model = Kratos.resolve(model, key)
+    model.aligned_matrix(adata)  # the genes first: a missing gene is the error to see, whatever else is wrong
+    claim_slots(
+        adata,
+        "kratos_predict",
+        key_added,
+        f"{key_added}_predict",
+        [
+            ("obsm", f"X_{key_added}"),
+            ("obsm", f"{key_added}_proba"),
+            ("obs", f"{key_added}_pred"),
+            ("uns", f"{key_added}_predict"),
+            ("uns", f"{key_added}_pred_colors"),
+        ],
+    )
     matrix = model.aligned_matrix(adata)
     embedding, proba = model.embed_and_classify(matrix, torch_device, chunk_size)
     if copy:
@@ -276,7 +320,10 @@ def kratos_predict(
     adata.obs[f"{key_added}_pred"] = pd.Categorical.from_codes(proba.argmax(axis=1), categories=model.classes)
     if isinstance(reference, AnnData) and f"{key}_pred_colors" in reference.uns:
         adata.uns[f"{key_added}_pred_colors"] = list(reference.uns[f"{key}_pred_colors"])
-    adata.uns[f"{key_added}_predict"] = {"classes": np.asarray(model.classes, dtype=object)}
+    adata.uns[f"{key_added}_predict"] = {
+        "params": params_record(kratos_predict, arguments, key_added=key_added, device=torch_device),
+        "classes": np.asarray(model.classes, dtype=object),
+    }
     logg.info(
         "    finished", time=start, deep=f"added 'X_{key_added}', '{key_added}_proba', '{key_added}_pred'"
     )

@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .._settings import settings
 from .._utils import resolve_device, seed_everything
+from .._utils._contract import check_adata, check_int, check_number, claim_slots
+from .._utils._random import preserves_global_rng
 from ..models import Kratos
 from ..models._attribution import cw_hinge, cw_perturbation, integrated_gradients, smoothgrad
 from ..train import dense_rows
@@ -21,6 +23,7 @@ from ..train import dense_rows
 METHODS = ("cw", "smoothgrad", "integrated_gradients")
 
 
+@preserves_global_rng
 def rank_genes_perturbation(
     adata: AnnData,
     *,
@@ -128,6 +131,27 @@ def rank_genes_perturbation(
     if ig_baseline not in ("zero", "unexpressed"):
         raise ValueError(f"ig_baseline={ig_baseline!r} is unknown; choose 'zero' or 'unexpressed'.")
     key_added = f"{key}_{method}" if key_added is None else key_added
+    check_adata(adata, "rank_genes_perturbation", copy=copy)
+    if groups is not None and len(groups) == 0:
+        raise ValueError("groups=[] selects no class; pass None for every class, or a list of class names.")
+    for name, value in (
+        ("cw_max_iter", cw_max_iter),
+        ("sg_n_samples", sg_n_samples),
+        ("ig_n_steps", ig_n_steps),
+        ("batch_size", batch_size),
+    ):
+        check_int(value, name)
+    check_number(cw_tradeoff, "cw_tradeoff", low=0, open_low=True)
+    check_number(cw_lr, "cw_lr", low=0, open_low=True)
+    check_number(cw_margin, "cw_margin", low=0)
+    check_number(sg_noise_std, "sg_noise_std", low=0)
+    claim_slots(
+        adata,
+        "rank_genes_perturbation",
+        key_added,
+        key_added,
+        [("uns", key_added), ("varm", f"{key_added}_scores")],
+    )
     model = Kratos.from_adata(adata, key=key)
     groupby = str(adata.uns[key]["params"]["groupby"])
     if groupby not in adata.obs:
@@ -227,6 +251,7 @@ def rank_genes_perturbation(
         "layer": model.layer,
         "corr_method": "none",
         "model_key": key,
+        "tool": "rank_genes_perturbation",
         "cw_tradeoff": cw_tradeoff,
         "cw_margin": cw_margin,
         "cw_lr": cw_lr,

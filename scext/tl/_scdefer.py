@@ -12,8 +12,10 @@ from scanpy import logging as logg
 from .._docs import doc_params
 from .._utils import dense_columns, get_matrix, matrix_source, resolve_device, seed_everything
 from .._utils._arguments import renamed_arguments
+from .._utils._contract import check_adata, check_int, check_ints, claim_slots
 from .._utils._genes import check_counts, highly_variable_column, highly_variable_genes
 from .._utils._graph import knn_graph, neighbors_graph
+from .._utils._random import preserves_global_rng
 from ..models._base import params_record
 from ..models._reference import MAX_REFERENCE_CELLS
 from ..models._scdefer import CENTER_INITS, Scdefer
@@ -21,6 +23,7 @@ from ..train._graph_batches import graph_training_mode
 
 
 @renamed_arguments(alpha="fusion_weight", init="center_init")
+@preserves_global_rng
 @doc_params
 def scdefer(
     adata: AnnData,
@@ -184,6 +187,25 @@ def scdefer(
     """
     arguments = dict(locals())
     start = logg.info("training scDEFER")
+    check_adata(adata, "scdefer", copy=copy)
+    check_ints(hidden_sizes, "hidden_sizes")
+    check_ints(decoder_sizes, "decoder_sizes", allow_empty=True)
+    check_int(n_neighbors, "n_neighbors")
+    check_int(n_top_genes, "n_top_genes", minimum=2, allow_none=True)
+    claim_slots(
+        adata,
+        "scdefer",
+        key_added,
+        key_added,
+        [
+            ("obsm", f"X_{key_added}"),
+            ("obs", key_added),
+            ("obsm", f"{key_added}_proba"),
+            ("layers", f"{key_added}_denoised"),
+            ("var", f"{key_added}_modelled"),
+            ("uns", key_added),
+        ],
+    )
     torch_device = resolve_device(device)
     gammas = _check_arguments(
         n_clusters,
@@ -224,7 +246,7 @@ def scdefer(
 
     import scanpy as sc
 
-    totals = np.asarray(matrix.sum(axis=1)).ravel()
+    totals = np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
     size_factors = (totals / np.median(totals)).astype(np.float32)
     work = AnnData(sp.csr_matrix(matrix, dtype=np.float32, copy=True))
     # the target sc.pp.normalize_total takes below: the median of the float32 totals (kept for new cells)
@@ -341,6 +363,7 @@ def scdefer(
     return adata if copy else None
 
 
+@preserves_global_rng
 @doc_params
 def scdefer_predict(
     adata: AnnData,
@@ -392,9 +415,25 @@ def scdefer_predict(
     arguments = dict(locals())
     key_added = key if key_added is None else key_added
     start = logg.info("embedding cells with a trained scDEFER model")
+    check_adata(adata, "scdefer_predict", copy=copy)
+    check_int(chunk_size, "chunk_size")
     torch_device = resolve_device(device)
     reference = model
     model = Scdefer.resolve(model, key)
+    model.aligned_matrix(adata)  # the genes first: a missing gene is the error to see, whatever else is wrong
+    claim_slots(
+        adata,
+        "scdefer_predict",
+        key_added,
+        f"{key_added}_predict",
+        [
+            ("obsm", f"X_{key_added}"),
+            ("obs", key_added),
+            ("obsm", f"{key_added}_proba"),
+            ("uns", f"{key_added}_predict"),
+            ("uns", f"{key_added}_colors"),
+        ],
+    )
     embedding, labels, proba = model.embed_and_predict(
         adata, device=torch_device, chunk_size=chunk_size, allow_noninteger=allow_noninteger
     )
