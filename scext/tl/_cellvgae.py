@@ -32,6 +32,7 @@ from ..models._base import params_record
 from ..models._cellvgae import CONVOLUTIONS, REGULARIZERS, CellVGAE, default_regularizer_weight
 from ..models._reference import MAX_REFERENCE_CELLS
 from ..train._graph_batches import graph_training_mode
+from ._common import begin_prediction
 
 GRAPHS = ("knn", "pknn")
 CLUSTER_METHODS = ("hdbscan", "leiden")
@@ -437,26 +438,18 @@ def cellvgae_predict(
     ``uns["<key_added>_predict"]`` (with ``categories`` None) are written, and a warning says so.
     """
     arguments = dict(locals())
-    key_added = key if key_added is None else key_added
     start = logg.info("embedding cells with a trained CellVGAE model")
-    check_adata(adata, "cellvgae_predict", copy=copy)
-    check_int(chunk_size, "chunk_size")
-    torch_device = resolve_device(device)
     reference = model
-    model = CellVGAE.resolve(model, key)
-    model.aligned_matrix(adata)  # the genes first: a missing gene is the error to see, whatever else is wrong
-    claim_slots(
+    model, torch_device, key_added = begin_prediction(
         adata,
-        "cellvgae_predict",
-        key_added,
-        f"{key_added}_predict",
-        [
-            ("obsm", f"X_{key_added}"),
-            ("obs", key_added),
-            ("obsm", f"{key_added}_proba"),
-            ("uns", f"{key_added}_predict"),
-            ("uns", f"{key_added}_colors"),
-        ],
+        model,
+        CellVGAE,
+        tool="cellvgae_predict",
+        key=key,
+        key_added=key_added,
+        device=device,
+        chunk_size=chunk_size,
+        copy=copy,
     )
     labels = proba = None
     if model.categories is None:

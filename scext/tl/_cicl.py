@@ -27,6 +27,7 @@ from .._utils._random import preserves_global_rng
 from ..models import Cicl
 from ..models._base import params_record
 from ..models._cicl import smallest_batch
+from ._common import begin_prediction
 
 # below this many genes a transformer over genes-as-features has too little to attend with
 MIN_GENES = 10
@@ -317,14 +318,18 @@ def cicl_predict(
     ``obsm["<key_added>_proba"]`` as `scext.tl.cicl` does, and ``uns["<key_added>_predict"]["categories"]``.
     """
     arguments = dict(locals())
-    key_added = key if key_added is None else key_added
     start = logg.info("placing cells with a trained CICL model")
-    check_adata(adata, "cicl_predict", copy=copy)
-    check_int(chunk_size, "chunk_size", allow_none=True)
-    torch_device = resolve_device(device)
-    model = Cicl.resolve(model, key)
-    model.aligned_matrix(adata)  # the genes first: a missing gene is the error to see, whatever else is wrong
-    claim_slots(adata, "cicl_predict", key_added, f"{key_added}_predict", _slots(key_added, predict=True))
+    model, torch_device, key_added = begin_prediction(
+        adata,
+        model,
+        Cicl,
+        tool="cicl_predict",
+        key=key,
+        key_added=key_added,
+        device=device,
+        chunk_size=chunk_size,
+        copy=copy,
+    )
     embedding, labels, proba = model.embed_and_predict(adata, device=torch_device, chunk_size=chunk_size)
     if copy:
         adata = adata.copy()
@@ -339,10 +344,14 @@ def cicl_predict(
     return adata if copy else None
 
 
-def _slots(key_added: str, predict: bool = False) -> list[tuple[str, str]]:
-    """The slots `cicl` (or, with `predict`, `cicl_predict`) writes under `key_added`."""
-    record = ("uns", f"{key_added}_predict") if predict else ("uns", key_added)
-    return [("obsm", f"X_{key_added}"), ("obs", key_added), ("obsm", f"{key_added}_proba"), record]
+def _slots(key_added: str) -> list[tuple[str, str]]:
+    """The slots `cicl` writes under `key_added`."""
+    return [
+        ("obsm", f"X_{key_added}"),
+        ("obs", key_added),
+        ("obsm", f"{key_added}_proba"),
+        ("uns", key_added),
+    ]
 
 
 def default_n_epochs(n_cells: int, batch_size: int) -> int:

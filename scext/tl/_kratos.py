@@ -18,6 +18,7 @@ from ..metrics import clustering_scores
 from ..models import Kratos, normalized_prior
 from ..models._base import params_record
 from ..train._distributed import rank_zero_logging
+from ._common import begin_prediction
 
 SPLITS = ["train", "validation", "test", "unlabeled"]
 
@@ -290,26 +291,19 @@ def kratos_predict(
     ``obs["<key_added>_pred"]`` as `scext.tl.kratos` does, and ``uns["<key_added>_predict"]["classes"]``.
     """
     arguments = dict(locals())
-    key_added = key if key_added is None else key_added
     start = logg.info("classifying cells with a trained KRATOS model")
-    check_adata(adata, "kratos_predict", copy=copy)
-    check_int(chunk_size, "chunk_size")
-    torch_device = resolve_device(device)
     reference = model
-    model = Kratos.resolve(model, key)
-    model.aligned_matrix(adata)  # the genes first: a missing gene is the error to see, whatever else is wrong
-    claim_slots(
+    model, torch_device, key_added = begin_prediction(
         adata,
-        "kratos_predict",
-        key_added,
-        f"{key_added}_predict",
-        [
-            ("obsm", f"X_{key_added}"),
-            ("obsm", f"{key_added}_proba"),
-            ("obs", f"{key_added}_pred"),
-            ("uns", f"{key_added}_predict"),
-            ("uns", f"{key_added}_pred_colors"),
-        ],
+        model,
+        Kratos,
+        tool="kratos_predict",
+        key=key,
+        key_added=key_added,
+        device=device,
+        chunk_size=chunk_size,
+        copy=copy,
+        label_suffix="_pred",
     )
     matrix = model.aligned_matrix(adata)
     embedding, proba = model.embed_and_classify(matrix, torch_device, chunk_size)

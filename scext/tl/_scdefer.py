@@ -20,6 +20,7 @@ from ..models._base import params_record
 from ..models._reference import MAX_REFERENCE_CELLS
 from ..models._scdefer import CENTER_INITS, Scdefer
 from ..train._graph_batches import graph_training_mode
+from ._common import begin_prediction
 
 
 @renamed_arguments(alpha="fusion_weight", init="center_init")
@@ -413,26 +414,18 @@ def scdefer_predict(
         ``categories``.
     """
     arguments = dict(locals())
-    key_added = key if key_added is None else key_added
     start = logg.info("embedding cells with a trained scDEFER model")
-    check_adata(adata, "scdefer_predict", copy=copy)
-    check_int(chunk_size, "chunk_size")
-    torch_device = resolve_device(device)
     reference = model
-    model = Scdefer.resolve(model, key)
-    model.aligned_matrix(adata)  # the genes first: a missing gene is the error to see, whatever else is wrong
-    claim_slots(
+    model, torch_device, key_added = begin_prediction(
         adata,
-        "scdefer_predict",
-        key_added,
-        f"{key_added}_predict",
-        [
-            ("obsm", f"X_{key_added}"),
-            ("obs", key_added),
-            ("obsm", f"{key_added}_proba"),
-            ("uns", f"{key_added}_predict"),
-            ("uns", f"{key_added}_colors"),
-        ],
+        model,
+        Scdefer,
+        tool="scdefer_predict",
+        key=key,
+        key_added=key_added,
+        device=device,
+        chunk_size=chunk_size,
+        copy=copy,
     )
     embedding, labels, proba = model.embed_and_predict(
         adata, device=torch_device, chunk_size=chunk_size, allow_noninteger=allow_noninteger
