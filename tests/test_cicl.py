@@ -122,7 +122,10 @@ def clustered_toy():
 def test_separates_planted_clusters_and_writes_slots(clustered_toy):
     adata = clustered_toy
     assert adjusted_rand_score(adata.obs["cell_type"], adata.obs["cicl"]) > 0.9
-    assert adata.obsm["X_cicl"].shape == (300, 60)  # H keeps the input's width (eq. 3-7)
+    # 60 genes > n_pcs=50: the input is 50 principal components and the constant coordinate, and H keeps
+    # the input's width (eq. 3-7)
+    assert adata.obsm["X_cicl"].shape == (300, 51)
+    assert adata.uns["cicl"]["params"]["n_pcs"] == 50 and adata.uns["cicl"]["params"]["width"] == 51
     assert adata.obsm["cicl_proba"].shape == (300, 3)
     np.testing.assert_allclose(adata.obsm["cicl_proba"].sum(1), 1, atol=1e-5)
     assert list(adata.obs["cicl"].cat.categories) == ["0", "1", "2"]
@@ -228,7 +231,7 @@ def test_counts_get_the_papers_preprocessing():
     assert adjusted_rand_score(adata.obs["cell_type"], result.obs["cicl"]) > 0.8
     # preprocess=False feeds the raw counts as given
     raw = scext.tl.cicl(adata, n_clusters=3, preprocess=False, n_epochs=1, copy=True, **SMALL)
-    assert raw.obsm["X_cicl"].shape == (150, 80)
+    assert raw.obsm["X_cicl"].shape == (150, 51)  # 80 genes: 50 principal components and the constant
     assert raw.uns["cicl"]["params"]["preprocessing"].startswith("none")
 
 
@@ -273,3 +276,41 @@ def test_bad_input_raises_before_training_and_leaves_adata_untouched(
     with pytest.raises(error, match=message):
         scext.tl.cicl(adata, **arguments)
     assert_untouched(adata, before)
+
+
+def test_training_sharpens_the_clusters_by_a_label_free_criterion(clustered_toy):
+    # the untrained encoder (same seed, same initial weights) against the trained one, scored on H with the
+    # model's own clusters: no label is read
+    from sklearn.metrics import calinski_harabasz_score, silhouette_score
+
+    untrained = scext.tl.cicl(
+        make_toy(n_cells=300), n_clusters=3, n_epochs=0, random_state=0, copy=True, **SMALL
+    )
+
+    def criteria(adata):
+        h, labels = adata.obsm["X_cicl"], adata.obs["cicl"].to_numpy()
+        return silhouette_score(h, labels), calinski_harabasz_score(h, labels)
+
+    (silhouette_before, ch_before), (silhouette_after, ch_after) = (
+        criteria(untrained),
+        criteria(clustered_toy),
+    )
+    assert silhouette_after > silhouette_before + 0.004
+    assert ch_after > 1.05 * ch_before
+
+
+def test_principal_component_input_is_saved_and_applied_to_new_cells(clustered_toy, tmp_path):
+    # 60 genes > n_pcs: the model carries its principal axes and constant coordinate, and a reloaded model
+    # (h5ad or files) projects cells exactly as in training
+    model = Cicl.from_adata(clustered_toy)
+    axes = model.net.components.numpy()
+    assert axes.shape == (60, 50) and model.width == 51
+    np.testing.assert_allclose(axes.T @ axes, np.eye(50), atol=1e-4)
+    assert float(model.net.homogeneous) > 0
+    clustered_toy.write_h5ad(tmp_path / "cicl.h5ad")
+    reread = Cicl.from_adata(ad.read_h5ad(tmp_path / "cicl.h5ad"))
+    model.save(tmp_path / "model")
+    loaded = Cicl.load(tmp_path / "model", adata=clustered_toy)
+    for other in (reread, loaded):
+        np.testing.assert_array_equal(other.net.components.numpy(), axes)
+        np.testing.assert_allclose(other.transform(clustered_toy), clustered_toy.obsm["X_cicl"], atol=1e-4)

@@ -21,6 +21,10 @@ from ._kmeans import kmeans, student_t
 from ._reference import MAX_REFERENCE_CELLS
 
 CPU = torch.device("cpu")
+# the homogeneous coordinate appended to the principal components: this many times their RMS norm
+HOMOGENEOUS_SCALE = 3.0
+# output matrices of the attention and feed-forward branches start at this fraction of PyTorch's default
+BRANCH_INIT_SCALE = 0.1
 # inference attends every cell to all cells; query chunks keep the score matrix near this many elements
 _ATTENTION_ELEMENTS = 2**25
 
@@ -102,8 +106,16 @@ class CiclNet(nn.Module):
     """Transformer encoder (input -> representation H of the same width) plus the projection head (eq. 10).
 
     The input is the z-scored genes (the paper), or, with `n_pcs`, their projection onto `n_pcs` fixed
-    principal axes (`components`, genes x n_pcs, set from the training data and never trained); the
-    transformer and H are then `n_pcs` wide.
+    principal axes (`components`, genes x n_pcs, set from the training data and never trained) followed by
+    one constant coordinate (`homogeneous`); the transformer and H are then ``n_pcs + 1`` wide. The constant
+    keeps LayerNorm (eq. 5, 7), which centres and scales every cell over its own features, from discarding
+    the cell's distance to the data centre: with the constant much larger than the scores, each cell's mean
+    and spread over its features are nearly those of the constant, and LayerNorm acts almost linearly on
+    the principal components.
+
+    The output matrices of the attention (W^O) and feed-forward (W_2) branches start at `BRANCH_INIT_SCALE`
+    of PyTorch's default scale, so that the untrained encoder stays close to its input (small-init residual
+    branches); the equations are unchanged.
     """
 
     def __init__(
@@ -117,7 +129,7 @@ class CiclNet(nn.Module):
         n_pcs: int | None = None,
     ):
         super().__init__()
-        width = n_genes if n_pcs is None else n_pcs
+        width = n_genes if n_pcs is None else n_pcs + 1
         self.width = width
         head_dim = max(1, width // n_heads) if head_dim is None else head_dim
         # per-gene z-scoring applied to each minibatch, so the stored input can stay sparse
@@ -125,11 +137,16 @@ class CiclNet(nn.Module):
         self.register_buffer("scale", torch.ones(n_genes))
         if n_pcs is not None:
             self.register_buffer("components", torch.eye(n_genes, n_pcs))
+            self.register_buffer("homogeneous", torch.ones(()))
         else:
-            self.components = None
+            self.components = self.homogeneous = None
         self.layers = nn.ModuleList(
             CiclEncoderLayer(width, n_heads, head_dim, feedforward_dim) for _ in range(n_layers)
         )
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.attention.out.weight.mul_(BRANCH_INIT_SCALE)
+                layer.feedforward[2].weight.mul_(BRANCH_INIT_SCALE)
         head: list[nn.Module] = []
         for size in projection_sizes:
             head += [nn.Linear(width, size, bias=False), nn.ReLU()]
@@ -137,9 +154,11 @@ class CiclNet(nn.Module):
         self.projection = nn.Sequential(*head[:-1])  # eq. 10: W3 ReLU(W4 H), no activation on the output
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        """The transformer's input: z-scored genes, projected onto the principal axes when there are any."""
+        """The transformer's input: z-scored genes, or their principal components and the constant."""
         x = (x - self.center) / self.scale
-        return x if self.components is None else x @ self.components
+        if self.components is None:
+            return x
+        return torch.cat([x @ self.components, self.homogeneous.expand(x.shape[0], 1)], dim=1)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -200,22 +219,24 @@ class Cicl(Model):
     """A CICL model: the network, the training step of Algorithm 1, and batch-independent inference.
 
     After `scext.tl.cicl` the model also holds the final K-means centres on H (`centers`) and a seeded
-    sample of at most 5,000 training cells (`reference`, their model input before z-scoring). New cells
+    sample of at most 5,000 training cells (`reference`, their transformer input: z-scored genes, or
+    principal components and the constant coordinate). New cells
     (`transform`, `predict`, `scext.tl.cicl_predict`) attend to the reference cells at every layer, never
     to each other: a new cell's embedding then does not depend on which other new cells come with it, and
     a training set of at most 5,000 cells, applied again, gets back its training H. The sample costs
-    ``cells x genes x 4`` bytes (10 MB at 5,000 cells x 500 genes) beside the weights (about 9 M floats,
-    37 MB, at the defaults with 500 genes).
+    ``cells x width x 4`` bytes (1 MB at 5,000 cells and 51 features) beside the weights and the principal
+    axes (genes x n_pcs).
 
     Parameters
     ----------
     n_genes
-        Width of the input, and of the representation H (the transformer keeps its width, eq. 3-7).
+        Genes the model reads; the width of the input and of H when `n_pcs` is None (the transformer keeps
+        its width, eq. 3-7).
     n_clusters
         K of the per-step K-means (pseudo-labels) and of the final clustering.
     n_layers, n_heads, head_dim, feedforward_dim, projection_sizes
         Architecture (Table 2: 4 layers, feed-forward 1024 wide, projection head [1024, 512]). `head_dim`
-        defaults to ``n_genes // n_heads``.
+        defaults to ``width // n_heads``.
     temperature, cluster_weight, alpha
         T of eq. 12/15, lambda of eq. 17, and the Student-t degrees of freedom of eq. 8.
     kmeans_iter
@@ -225,6 +246,9 @@ class Cicl(Model):
     size_factor_median
         When the input was log-normalised by the model (``preprocess=True`` in `scext.tl.cicl`): the median
         library size of the training cells, so that new cells are normalised exactly as they were.
+    n_pcs
+        Project the z-scored genes onto this many fixed principal axes (set by `set_projection`) and append
+        one constant coordinate: the transformer and H are then ``n_pcs + 1`` wide. None: the genes.
     """
 
     name = "cicl"
@@ -249,8 +273,10 @@ class Cicl(Model):
         layer: str | None = None,
         use_raw: bool = False,
         size_factor_median: float | None = None,
+        n_pcs: int | None = None,
     ):
         self.n_genes, self.n_clusters = int(n_genes), int(n_clusters)
+        self.n_pcs = None if n_pcs is None else int(n_pcs)
         self.architecture = {
             "n_layers": int(n_layers),
             "n_heads": int(n_heads),
@@ -269,7 +295,10 @@ class Cicl(Model):
             raise ValueError(f"var_names has {len(self.var_names)} genes; the model reads n_genes={n_genes}.")
         self.layer, self.use_raw = layer, bool(use_raw)
         self.size_factor_median = None if size_factor_median is None else float(size_factor_median)
-        self.net = CiclNet(n_genes, n_layers, n_heads, head_dim, feedforward_dim, projection_sizes)
+        self.net = CiclNet(
+            n_genes, n_layers, n_heads, head_dim, feedforward_dim, projection_sizes, self.n_pcs
+        )
+        self.width = self.net.width
         self.last_pseudo_labels: torch.Tensor | None = None
         self.last_centers: torch.Tensor | None = None
         # set by scext.tl.cicl (or `set_clusters`): final centres on H and the reference cells' input
@@ -339,6 +368,13 @@ class Cicl(Model):
         self.net.center.copy_(torch.as_tensor(center, dtype=torch.float32))
         self.net.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
 
+    def set_projection(self, components: np.ndarray, homogeneous: float) -> None:
+        """Principal axes (genes x n_pcs) the z-scored genes are projected onto, and the constant coordinate."""
+        if self.net.components is None:
+            raise ValueError("This CICL model reads the genes themselves (n_pcs=None); it has no projection.")
+        self.net.components.copy_(torch.as_tensor(components, dtype=torch.float32))
+        self.net.homogeneous.fill_(float(homogeneous))
+
     @torch.inference_mode()
     def embed(
         self,
@@ -387,7 +423,7 @@ class Cicl(Model):
         for layer in net.layers:
             keys_values.append((layer.attention.key(hidden), layer.attention.value(hidden)))
             hidden = layer.forward_in_chunks(hidden, chunk_size)
-        out = torch.empty(n_cells, matrix.shape[1], device=device)
+        out = torch.empty(n_cells, net.width, device=device)
         chunks = iter_minibatches(matrix, np.arange(n_cells), chunk_size, device)
         for start, (x,) in zip(range(0, n_cells, chunk_size), chunks, strict=True):
             hidden = net.standardize(x)
@@ -409,14 +445,15 @@ class Cicl(Model):
         return labels, student_t(h, centers, self.student_t_dof), centers
 
     def keep_reference(self, data, rng: np.random.Generator, max_cells: int = MAX_REFERENCE_CELLS) -> None:
-        """Keep the input (before z-scoring) of all training cells, or of a seeded sample of `max_cells`."""
+        """Keep the transformer input of all training cells, or of a seeded sample of `max_cells`."""
         n_cells = data.shape[0]
         rows = (
             np.arange(n_cells)
             if n_cells <= max_cells
             else np.sort(rng.choice(n_cells, max_cells, replace=False))
         )
-        self.reference = torch.cat([x for (x,) in iter_minibatches(data, rows, 4096, CPU)]).numpy()
+        with torch.inference_mode():
+            self.reference = _standardized_rows(self.net.to(CPU), data, rows, CPU).numpy()
 
     # ------------------------------------------------------------------ new cells
     def model_input(self, adata: AnnData):
@@ -461,7 +498,7 @@ class Cicl(Model):
             raise ValueError("This CICL model keeps no reference cells; train it with scext.tl.cicl.")
         data = self.model_input(adata)
         with torch.inference_mode():
-            reference = self.net.to(device).standardize(torch.from_numpy(self.reference).to(device))
+            reference = torch.from_numpy(self.reference).to(device)
             return self._embed_against(reference, data, device, chunk_size).cpu().numpy()
 
     def embed_and_predict(
@@ -491,6 +528,7 @@ class Cicl(Model):
             "layer": self.layer,
             "use_raw": self.use_raw,
             "size_factor_median": self.size_factor_median,
+            "n_pcs": self.n_pcs,
         }
 
     def _arrays(self) -> dict[str, dict[str, np.ndarray]]:
@@ -498,7 +536,7 @@ class Cicl(Model):
         if self.centers is not None:
             arrays["clusters"] = {"centers": self.centers.numpy()}
         if self.reference is not None:
-            arrays["reference"] = {"input": self.reference}
+            arrays["reference"] = {"model_input": self.reference}
         return arrays
 
     @classmethod
@@ -511,15 +549,24 @@ class Cicl(Model):
         model._load_weights(arrays["state_dict"])
         if "clusters" in arrays:
             centers = np.asarray(arrays["clusters"]["centers"], dtype=np.float32)
-            if centers.shape != (model.n_clusters, model.n_genes):
-                raise ValueError(f"The stored CICL centres are {centers.shape}, not (n_clusters, n_genes).")
+            if centers.shape != (model.n_clusters, model.width):
+                raise ValueError(
+                    f"The stored CICL centres are {centers.shape}, not (n_clusters, {model.width})."
+                )
             model.centers = torch.from_numpy(centers)
         if "reference" in arrays:
-            reference = np.asarray(arrays["reference"]["input"], dtype=np.float32)
-            if reference.ndim != 2 or reference.shape[1] != model.n_genes:
+            stored = arrays["reference"]
+            # files written before the principal-component input kept the reference cells before z-scoring
+            raw = "model_input" not in stored
+            reference = np.asarray(stored["input" if raw else "model_input"], dtype=np.float32)
+            expected = model.n_genes if raw else model.width
+            if reference.ndim != 2 or reference.shape[1] != expected:
                 raise ValueError(
-                    f"The stored CICL reference cells are {reference.shape}, not cells x n_genes."
+                    f"The stored CICL reference cells are {reference.shape}, not cells x {expected}."
                 )
+            if raw:
+                with torch.inference_mode():
+                    reference = model.net.standardize(torch.from_numpy(reference)).numpy()
             model.reference = reference
         return model
 

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import scipy.sparse.linalg
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
@@ -26,7 +27,7 @@ from .._utils._genes import highly_variable_column, highly_variable_genes, is_co
 from .._utils._random import preserves_global_rng
 from ..models import Cicl
 from ..models._base import params_record
-from ..models._cicl import smallest_batch
+from ..models._cicl import HOMOGENEOUS_SCALE, balanced_batch_size, smallest_batch
 from ._common import begin_prediction
 
 # below this many genes a transformer over genes-as-features has too little to attend with
@@ -35,6 +36,8 @@ MIN_GENES = 10
 MIN_STEPS, MIN_EPOCHS, MAX_EPOCHS = 300, 10, 150
 # above this many input genes (without preprocessing) the model, as wide as the input, gets slow
 MANY_GENES = 5000
+# preprocess="auto" log-normalises non-negative values above this (log1p of 1e4-scaled counts stays below 10)
+LOG_MAX = 50.0
 # above this many cells, highly variable genes are chosen on a seeded sample of this many cells
 HVG_MAX_CELLS = 100_000
 
@@ -49,12 +52,13 @@ def cicl(
     layer: str | None = None,
     use_raw: bool = False,
     preprocess: bool | str = "auto",
-    n_top_genes: int = 500,
+    n_top_genes: int = 2000,
+    n_pcs: int | None = 50,
     n_layers: int = 4,
     n_heads: int = 4,
     head_dim: int | None = None,
-    feedforward_dim: int = 1024,
-    projection_sizes: Sequence[int] = (1024, 512),
+    feedforward_dim: int = 256,
+    projection_sizes: Sequence[int] = (256, 128),
     temperature: float = 0.5,
     cluster_weight: float = 0.1,
     student_t_dof: float = 1.0,
@@ -89,9 +93,17 @@ def cicl(
     5,000 cells on a CPU. Above `max_attention_cells` cells, every cell attends instead to a seeded
     reference sample of that many cells (see `max_attention_cells`).
 
+    Input: the z-scored genes (sec. 2.1) are projected onto their top `n_pcs` principal axes, fixed before
+    training, and one constant coordinate is appended; these ``n_pcs + 1`` values are the transformer's
+    input, and H is as wide. The constant (3 times the scores' root-mean-square norm) keeps the per-cell
+    LayerNorm of eq. 5 and 7 from discarding each cell's distance to the data centre (K-means on
+    LayerNorm-ed components scores far below K-means on the components themselves). The output matrices of
+    the attention and feed-forward branches start at a tenth of PyTorch's default scale, so that the
+    untrained encoder stays close to its input. ``n_pcs=None`` gives the paper's input, the z-scored genes.
+
     Input is streamed: preprocessing reads the matrix in row blocks (a backed AnnData,
     ``read_h5ad(path, backed="r")``, is never loaded whole), keeps the log-normalised selected genes as a
-    sparse matrix and z-scores each minibatch on the fly.
+    sparse matrix and z-scores and projects each minibatch on the fly.
 
     Parameters
     ----------
@@ -104,17 +116,23 @@ def cicl(
         ``True``: sec. 2.1 on a copy, with Scanpy: drop genes without counts, divide by size factors
         (library size over its median, ``sc.pp.normalize_total``), natural ``log1p``, keep the `n_top_genes`
         genes of highest normalised dispersion (``flavor="seurat"``), z-score each gene. ``False``: use the
-        values as given (e.g. already log-normalised, HVG-selected data). ``"auto"``: ``True`` when the
-        matrix holds non-negative integers (counts), else ``False``. Non-integer abundances such as RPKM or
-        TPM need ``preprocess=True`` to be treated like counts.
+        values as given (e.g. already log-normalised, HVG-selected data), z-scored per gene. ``"auto"``:
+        ``True`` when the matrix holds non-negative integers (counts) or non-negative values above 50, which
+        no log-normalised matrix reaches (RPKM, TPM, CPM); else ``False``.
     n_top_genes
-        t of sec. 2.1 (the paper's 500); all genes are kept when there are fewer. ``None``: the genes
-        ``var["highly_variable"]`` flags when that column exists, else all (as every scext tool).
+        t of sec. 2.1 (the paper's 500; 2,000 here, as Scanpy's baseline: with the principal-component
+        input the model's cost hardly depends on it); all genes are kept when there are fewer. ``None``: the
+        genes ``var["highly_variable"]`` flags when that column exists, else all (as every scext tool).
+    n_pcs
+        Principal components of the z-scored genes that, with one constant coordinate, are the
+        transformer's input (see above). ``None``, or no more genes than `n_pcs`: the z-scored genes
+        themselves, as in the paper. At most ``cells - 1`` components are used.
     n_layers, n_heads, head_dim, feedforward_dim, projection_sizes
-        Transformer layers (paper: 4), attention heads and their width (``head_dim`` defaults to genes //
-        heads; the paper gives neither), feed-forward width (eq. 6: genes -> 1024 -> genes, Table 2's
-        [1024, 1024]) and projection head (Table 2: [1024, 512]). The representation H is as wide as the
-        input genes (eq. 3-7 keep the width).
+        Transformer layers (paper: 4), attention heads and their width (``head_dim`` defaults to width //
+        heads; the paper gives neither), feed-forward width (eq. 6: width -> 256 -> width) and projection
+        head (eq. 10: width -> 256 -> 128). Table 2's [1024, 1024] and [1024, 512] are sized for 500 genes;
+        for the 51-wide input they would cost twice the time per step. H is as wide as the input (eq. 3-7
+        keep the width).
     temperature, cluster_weight, student_t_dof
         T (eq. 12, 15; paper 0.5), lambda (eq. 17; paper 0.1; 0 drops the cluster-aware loss, the paper's
         ablation) and the Student-t degrees of freedom (eq. 8, the paper's alpha; paper 1).
@@ -124,8 +142,8 @@ def cicl(
         minibatches of at most `batch_size` (default 256: the cost per cell hardly depends on it, and smaller
         batches give more steps per epoch), at lr 1e-4. ``n_epochs=None`` trains for about 300
         optimizer steps: ``max(10, ceil(300 / steps per epoch))`` epochs, at most 150 (10 epochs and 3,910
-        steps for 100,000 cells; 28 epochs for 2,700 cells; 150 epochs of one step for 90 cells). Each
-        epoch costs about 5 ms per cell on a 2-core CPU with the default architecture and 500 genes.
+        steps for 100,000 cells; 28 epochs for 2,700 cells; 150 epochs of one step for 90 cells). A step
+        costs about 65-80 ms of one CPU core at the defaults with 256 cells.
     kmeans_iter, kmeans_n_init
         Lloyd iterations of the per-step K-means, and seedings of the final K-means.
     max_attention_cells
@@ -142,8 +160,8 @@ def cicl(
     {progress_bar}
     {key_added}
     {keep_model}
-        The CICL model holds its weights, the final centres and up to 5,000 training cells' input
-        (`scext.models.Cicl`): about 47 MB at the defaults with 500 genes.
+        The CICL model holds its weights, the principal axes (genes x n_pcs), the final centres and up to
+        5,000 training cells' transformer input (`scext.models.Cicl`): about 2 MB at the defaults.
     {copy}
 
     Returns
@@ -151,14 +169,16 @@ def cicl(
     `None`, or the copy when ``copy=True``. Writes:
 
     ``obsm["X_<key_added>"]``
-        H, the transformer's representation of every cell (as wide as the genes used).
+        H, the transformer's representation of every cell (``n_pcs + 1`` wide, or as wide as the genes
+        used when they are the input).
     ``obs["<key_added>"]``
         Cluster labels ``"0"`` ... ``"K-1"`` (categorical), from K-means on H.
     ``obsm["<key_added>_proba"]``
         Student-t soft assignment q (eq. 8) of every cell to the final K-means centres.
     ``uns[key_added]``
         ``params`` (all arguments; the resolved ``device``, ``input`` matrix, ``preprocessing`` applied,
-        ``n_genes`` used, effective minibatch sizes; ``random_state``; ``scext_version``), ``genes`` (the
+        ``n_genes`` and ``n_pcs`` used, the ``width`` of H, effective minibatch sizes, ``n_steps``;
+        ``random_state``; ``scext_version``), ``genes`` (the
         genes used, in order), ``history`` (``loss``, ``instance``, ``cluster`` per epoch, numpy arrays) and,
         with `keep_model`, ``model`` (`scext.models.Cicl.from_adata` rebuilds it; `scext.tl.cicl_predict`
         uses it).
@@ -167,6 +187,7 @@ def cicl(
     start = logg.info("clustering cells with CICL")
     check_adata(adata, "cicl", copy=copy)
     check_int(n_layers, "n_layers", minimum=0)
+    check_int(n_pcs, "n_pcs", allow_none=True)
     check_int(n_heads, "n_heads")
     check_int(head_dim, "head_dim", allow_none=True)
     check_int(feedforward_dim, "feedforward_dim")
@@ -207,6 +228,7 @@ def cicl(
     step_generator = torch.Generator(device=torch_device)
     step_generator.manual_seed(int(rng.integers(2**62)))
 
+    components, homogeneous = _principal_axes(data, scaler, n_pcs, rng)
     model = Cicl(
         data.shape[1],
         n_clusters,
@@ -223,9 +245,11 @@ def cicl(
         layer=layer,
         use_raw=use_raw,
         size_factor_median=size_factor_median,
+        n_pcs=None if components is None else components.shape[1],
     )
-    if scaler is not None:
-        model.set_scaler(*scaler)
+    model.set_scaler(*scaler)
+    if components is not None:
+        model.set_projection(components, homogeneous)
     history = model.fit(
         data,
         n_epochs=n_epochs,
@@ -254,8 +278,12 @@ def cicl(
         input=matrix_source(layer, use_raw),
         preprocessing=preprocessing,
         n_genes=data.shape[1],
+        n_pcs=model.n_pcs,  # as used (None: the genes themselves are the input)
+        width=model.width,
         head_dim=head_dim_used,
         n_epochs=n_epochs,  # as trained (resolved when None was passed)
+        effective_batch_size=balanced_batch_size(n_cells, batch_size),
+        n_steps=n_epochs * -(-n_cells // balanced_batch_size(n_cells, batch_size)),
         smallest_batch=smallest_batch(n_cells, batch_size),
         inference=(
             "whole data set as one batch (exact attention over all cells, in query chunks)"
@@ -399,22 +427,21 @@ def _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw, rng, fl
     source = matrix_source(layer, use_raw)
     n_cells, n_genes = matrix.shape
     if preprocess == "auto":
-        preprocess = is_counts(matrix)
+        preprocess = _unlogged_abundances(matrix)
     if not preprocess:
         if n_genes > MANY_GENES:
             logg.warning(
-                f"{source} has {n_genes} genes and preprocess=False: the model is as wide as the "
-                "input; select highly variable genes first, or pass counts with preprocess=True."
+                f"{source} has {n_genes} genes and preprocess=False: every one is z-scored and projected "
+                "(with n_pcs=None the model is as wide as the input); select highly variable genes first, "
+                "or pass counts with preprocess=True."
             )
         if flagged is not None:
-            return (
-                SelectedColumns(matrix, flagged),
-                var_names[flagged],
-                None,
-                f"none ({source} used as given, genes of var['highly_variable'])",
-                None,
-            )
-        return matrix, var_names, None, f"none ({source} used as given)", None
+            matrix, var_names = SelectedColumns(matrix, flagged), var_names[flagged]
+        center, var = column_mean_var(matrix, ddof=1)
+        scale = np.sqrt(var)
+        scale[scale == 0] = 1.0
+        genes_used = ", genes of var['highly_variable']" if flagged is not None else ""
+        return matrix, var_names, (center, scale), f"none ({source} used as given{genes_used}), z-score", None
     # one pass over the data for the sign check and both sums (a backed matrix is read from disk each pass)
     totals, gene_totals, lowest = np.zeros(n_cells), np.zeros(n_genes), np.inf
     for rows, block in row_blocks(matrix):
@@ -482,3 +509,64 @@ def _prepare(matrix, var_names, preprocess, n_top_genes, layer, use_raw, rng, fl
         + ", z-score"
     )
     return data, var_names[genes], (center, scale), description, float(np.median(totals))
+
+
+def _unlogged_abundances(matrix) -> bool:
+    """``preprocess="auto"``: counts (non-negative whole numbers), or non-negative values above
+    `LOG_MAX` that no log-normalised matrix holds (RPKM, TPM, CPM), streamed in row blocks."""
+    if is_counts(matrix):
+        return True
+    low, high = np.inf, -np.inf
+    for _, block in row_blocks(matrix):
+        values = stored_values(block)
+        if values.size:
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    return low >= 0 and high > LOG_MAX
+
+
+def _principal_axes(data, scaler, n_pcs, rng, max_cells: int = HVG_MAX_CELLS):
+    """The top `n_pcs` principal axes (genes x n_pcs, float32) of the z-scored `data`, and the constant
+    coordinate appended to the scores (`HOMOGENEOUS_SCALE` times their root-mean-square norm); ``(None,
+    None)`` when `n_pcs` is None or the genes are no more than the components (the genes are then the input).
+
+    Truncated SVD by ARPACK's Lanczos iterations (as ``sc.pp.pca``) on the z-scored matrix, never formed:
+    centring and scaling are applied inside the matrix-vector products, so sparse input stays sparse (an
+    atlas is sampled to `max_cells` cells first). The start vector is fixed, so the axes are the same on
+    every run, and each axis's sign makes its largest loading positive.
+    """
+    n_cells, n_genes = data.shape
+    if n_pcs is None:
+        return None, None
+    n_pcs = min(n_pcs, n_cells - 1)
+    if n_genes <= n_pcs:
+        return None, None
+    rows = np.sort(rng.choice(n_cells, max_cells, replace=False)) if n_cells > max_cells else None
+    blocks = [block for _, block in row_blocks(data, rows)]
+    if all(sp.issparse(block) for block in blocks):
+        matrix = sp.vstack(blocks, format="csr").astype(np.float32)
+    else:
+        matrix = np.concatenate([b.toarray() if sp.issparse(b) else np.asarray(b) for b in blocks])
+        matrix = matrix.astype(np.float32, copy=False)
+    center, scale = (np.asarray(v, dtype=np.float64) for v in scaler)
+    shift = center / scale
+
+    def matvec(v):  # ((X - center) / scale) v
+        v = np.asarray(v, dtype=np.float64).reshape(-1)
+        return matrix @ (v / scale) - shift @ v
+
+    def rmatvec(u):  # ((X - center) / scale)^T u
+        u = np.asarray(u, dtype=np.float64).reshape(-1)
+        return (matrix.T @ u) / scale - shift * u.sum()
+
+    operator = scipy.sparse.linalg.LinearOperator(
+        (matrix.shape[0], n_genes), matvec=matvec, rmatvec=rmatvec, dtype=np.float64
+    )
+    start = np.full(min(matrix.shape), 1.0 / np.sqrt(min(matrix.shape)))
+    _, singular, axes_t = scipy.sparse.linalg.svds(operator, k=n_pcs, v0=start, solver="arpack")
+    order = np.argsort(singular)[::-1]
+    axes = axes_t[order].T
+    squared_norms = singular[order] ** 2  # the squared norm of the scores along each axis
+    axes = axes * np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(n_pcs)])
+    axes = np.ascontiguousarray(axes, dtype=np.float32)
+    rms_norm = float(np.sqrt(float(np.sum(squared_norms)) / matrix.shape[0]))
+    return axes, HOMOGENEOUS_SCALE * max(rms_norm, 1e-6)
