@@ -202,6 +202,7 @@ def panel_auroc(
     key: str,
     *,
     groupby: str | None = None,
+    reference: str | None = None,
     fractions: Sequence[float] = (0.001, 0.01, 0.05),
     n_iter: int = 10,
     min_cells: int = 40,
@@ -210,13 +211,14 @@ def panel_auroc(
     n_jobs: int = 1,
     random_state: int = 0,
 ) -> pd.DataFrame:
-    """Discriminative power of each group's top-ranked genes: AUROC of an RBF-SVM, group vs rest.
+    """Discriminative power of each group's top-ranked genes: AUROC of an RBF-SVM, group vs its reference.
 
     For each group of the ranking in `adata.uns[key]` with at least `min_cells` cells, and each fraction
     `f`, the top `k = max(1, round(f * n_genes))` genes (`n_genes` = genes in the matrix) are the features
-    of a one-vs-rest problem scored by :func:`svm_auroc` (KRATOS sec. 6.2, Fig. 5). The problem is always
-    group vs all other labelled cells, also for rankings made against a single `reference` group; cells
-    whose `groupby` label is missing are left out.
+    of a two-class problem scored by :func:`svm_auroc` (KRATOS sec. 6.2, Fig. 5): the group against all
+    other labelled cells for a one-vs-rest ranking, and against the cells of the reference group only for
+    a ranking made against one `reference` (``params['reference']``, as `sc.tl.rank_genes_groups` and
+    `scext.tl.rank_genes_perturbation` record it). Cells whose `groupby` label is missing are left out.
 
     Parameters
     ----------
@@ -227,12 +229,17 @@ def panel_auroc(
         `scext.tl.rank_genes_perturbation` or `sc.tl.rank_genes_groups`, any method).
     groupby
         `adata.obs` column with the groups; defaults to the ranking's `params['groupby']`.
+    reference
+        ``"rest"`` or a group of `groupby` to score each group against; defaults to the ranking's
+        `params['reference']` (``"rest"`` when it records none). Pass ``"rest"`` to score a one-vs-one
+        ranking against all other cells.
     fractions
         Panel sizes as fractions of all genes in the matrix.
     n_iter
         Hyperparameter draws of the random search in each outer fold; more is slower and rarely better.
     min_cells
-        Groups (and rests) with fewer cells are skipped, as the paper skips classes under 40 cells.
+        Groups (and rests or references) with fewer cells are skipped, as the paper skips classes under 40
+        cells.
     layer, use_raw
         Expression matrix; default to the ranking's params. Sparse input stays sparse; only the panel's
         columns are densified.
@@ -245,7 +252,8 @@ def panel_auroc(
     -------
     Long table with columns `group`, `fraction`, `n_genes` (the actual panel size, smaller than `k` when
     the stored ranking is shorter), `auroc` (mean over the 3 outer folds; NaN for an empty ranking) and
-    `n_cells` (cells in the group).
+    `n_cells` (cells in the group). A one-vs-one ranking's entry for the reference group itself, if any, is
+    skipped.
     """
     ranking, params = _ranking(adata, key)
     fractions = _check_fractions(fractions)
@@ -254,6 +262,12 @@ def panel_auroc(
     if not isinstance(n_iter, (int, np.integer)) or n_iter < 1:
         raise ValueError(f"n_iter must be a positive int, got {n_iter!r}.")
     groupby, labels, labelled = _groups_and_labels(adata, groupby, params, key)
+    reference = str(params.get("reference") or "rest") if reference is None else str(reference)
+    if reference != "rest" and not (labelled & (labels == reference)).any():
+        raise KeyError(
+            f"reference={reference!r} has no cells in adata.obs[{groupby!r}]; pass reference='rest' or a "
+            "group of that column."
+        )
     layer, use_raw = _resolve_source(params, layer, use_raw)
     source = matrix_source(layer, use_raw)
     matrix, var_names = get_matrix(adata, layer=layer, use_raw=use_raw)
@@ -269,17 +283,20 @@ def panel_auroc(
         )
     indices = {g: _gene_indices(genes[: max(sizes)], var_names, key, source) for g, genes in ranking.items()}
 
-    start = logg.info(f"scoring gene panels of {key!r} by SVM AUROC ({len(ranking)} groups)")
+    against = "rest" if reference == "rest" else f"reference {reference!r}"
+    start = logg.info(f"scoring gene panels of {key!r} by SVM AUROC ({len(ranking)} groups vs {against})")
     rows, skipped = [], []
     for group, idx in indices.items():
-        is_group = labels[labelled] == group
+        # the cells of the two-class problem: the group and the rest, or the group and the reference
+        cells = labelled if reference == "rest" else labelled & ((labels == group) | (labels == reference))
+        is_group = labels[cells] == group
         n_pos, n_neg = int(is_group.sum()), int((~is_group).sum())
-        if min(n_pos, n_neg) < min_cells:
+        if group == reference or min(n_pos, n_neg) < min_cells:
             skipped.append(group)
             continue
         # select the panel's columns while still sparse, so only k columns are ever densified
         panel = matrix[:, idx]
-        panel = (panel.toarray() if sp.issparse(panel) else np.asarray(panel))[labelled]
+        panel = (panel.toarray() if sp.issparse(panel) else np.asarray(panel))[cells]
         seed = _group_seed(random_state, group)
         for fraction, k in zip(fractions, sizes, strict=True):
             k_used = min(k, len(idx))
@@ -294,7 +311,8 @@ def panel_auroc(
             )
     if skipped:
         logg.info(
-            f"    skipped group(s) with fewer than {min_cells} cells in the group or the rest: {skipped}"
+            f"    skipped group(s) with fewer than {min_cells} cells in the group or the {against} "
+            f"(or the reference itself): {skipped}"
         )
     logg.info("    finished", time=start)
     return pd.DataFrame(rows, columns=["group", "fraction", "n_genes", "auroc", "n_cells"])

@@ -17,7 +17,7 @@ def test_kratos_sim_140_cw_recovers_causal_genes():
     sc.pp.log1p(adata)
     scext.tl.kratos(adata, groupby="cell_type", device="cpu", random_state=0)
     assert adata.uns["kratos"]["test_accuracy"] > 0.95
-    scext.tl.rank_genes_perturbation(adata, method="cw", device="cpu")
+    scext.tl.rank_genes_perturbation(adata, method="cw", score="magnitude", device="cpu")
     frame = sc.get.rank_genes_groups_df(adata, group=None, key="kratos_cw")
     roles = (
         frame.groupby("group", observed=True)

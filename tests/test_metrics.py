@@ -108,6 +108,29 @@ def test_runs_on_scanpy_wilcoxon(planted):
     assert (res["auroc"] > 0.9).all(), res
 
 
+def test_one_vs_one_ranking_is_scored_against_its_reference_only(planted):
+    adata = planted.copy()
+    genes = list(adata.var_names)
+    b_markers = genes[N_MARKERS : 2 * N_MARKERS]
+    # a one-vs-one ranking "a vs b" that leads with b's markers: they tell a from b, but not a from c
+    order = b_markers + [g for g in genes if g not in b_markers]
+    _with_ranking(adata, "a_vs_b", {"a": order, "b": order})
+    adata.uns["a_vs_b"]["params"]["reference"] = "b"
+    pair = panel_auroc(adata, "a_vs_b", fractions=SMALL, n_iter=3)
+    assert list(pair["group"]) == ["a"]  # the reference's own entry is skipped
+    assert pair["auroc"].item() > 0.95, pair
+    assert pair["n_cells"].item() == 50
+    rest = panel_auroc(adata, "a_vs_b", reference="rest", fractions=SMALL, n_iter=3)
+    assert set(rest["group"]) == {"a", "b"}
+    # against b and c together half of the negatives look like a
+    assert rest.set_index("group").loc["a", "auroc"] < 0.9, rest
+    # only the two groups enter the problem: c's cells can be dropped without changing anything
+    without_c = adata[adata.obs["group"] != "c"].copy()
+    pd.testing.assert_frame_equal(pair, panel_auroc(without_c, "a_vs_b", fractions=SMALL, n_iter=3))
+    with pytest.raises(KeyError, match="reference"):
+        panel_auroc(adata, "a_vs_b", reference="d", fractions=SMALL, n_iter=3)
+
+
 def test_compare_panels_labels(planted):
     res = compare_panels(planted, {"good": "markers", "bad": "noise"}, metric="pcc", fractions=(0.05, 0.1))
     assert list(res.columns) == ["method", "group", "fraction", "n_genes", "pcc"]

@@ -31,11 +31,12 @@ def rank_genes_perturbation(
     key: str = "kratos",
     groups: list[str] | None = None,
     reference: str = "rest",
-    score: str = "magnitude",
+    score: str = "support",
     cw_tradeoff: float = 10.0,
     cw_margin: float = 0.1,
-    cw_lr: float = 1e-2,
-    cw_max_iter: int = 200,
+    cw_lr: float = 2.0,
+    cw_max_iter: int = 32,
+    cw_n_rounds: int = 4,
     cw_space: str = "logits",
     sg_n_samples: int = 50,
     sg_noise_std: float = 0.5,
@@ -51,11 +52,14 @@ def rank_genes_perturbation(
     """Rank genes per class by explaining a trained KRATOS classifier (KRATOS sec. 2.4, 4.3).
 
     For each class, the cells of that class the classifier gets right (Algorithm 1, step 2) are explained,
-    and a gene's score is the mean over those cells of the absolute attribution. Attributions live in the
-    classifier's standardised input space, so scores are in units of each gene's standard deviation.
+    and a gene's score is the mean over those cells of its attribution, oriented so that genes holding the
+    cells in their class come first (see `score`). Attributions live in the classifier's standardised input
+    space, so scores are in units of each gene's standard deviation.
 
     - ``"cw"``: Carlini-Wagner style perturbation (eq. 12 one-vs-rest, eq. 13 one-vs-one towards
-      `reference`) with Algorithm 1's update ``delta <- delta - lr * (sign(delta) + lambda * grad)``.
+      `reference`): per cell, the smallest (L1) change of its standardised expression that moves it across
+      the margin, with the trade-off lambda found per cell by a binary search, as Carlini and Wagner do
+      (`scext.models.cw_perturbation`).
     - ``"smoothgrad"``: eq. 8, the gradient of the class logit averaged over noisy copies (Captum).
     - ``"integrated_gradients"``: eq. 9 from a baseline cell (Captum).
 
@@ -74,20 +78,24 @@ def rank_genes_perturbation(
     reference
         ``"rest"`` (one-vs-rest) or a class name: each group is pushed towards that class (one-vs-one).
     score
-        ``"magnitude"``: a gene's score is the mean |attribution| (the paper's |delta|). ``"support"``: the
-        mean signed attribution oriented so that high means "more of this gene holds the cell in its class"
-        (the signed gradient; minus the CW perturbation, since CW lowers what keeps a cell in its class).
-        ``"support"`` drops the rival class's markers that one-vs-rest CW raises: on baron_mouse it lifted
-        CW's SVM AUROC from 0.855 to 0.960 at the top 0.1 % of genes and from 0.952 to 0.995 at 1 %.
-    cw_tradeoff, cw_margin, cw_lr, cw_max_iter
-        Lambda, alpha, learning rate and iterations of eq. 12-13 / Algorithm 1. Lambda weighs the class term
-        against the L1 step: too small, and confidently classified cells never cross the margin
-        (``uns[key_added]["cw_reached"]``; a warning says so when most groups stay below 10 %), and only genes
-        whose gradient beats ``1 / lambda`` leave the L1 noise. On baron_mouse (all genes, log-normalised)
-        the default crossed at most 1 % of the cells of any group, and its panels scored a mean SVM AUROC
-        of 0.857 at the top 0.1 % of genes; ``cw_tradeoff=100`` crossed a median 14 % and scored 0.997, as
-        SmoothGrad and Integrated Gradients do. The paper, too, blames untuned lambda and alpha for CW's
-        weaker Baron panels.
+        ``"support"`` (default): the mean signed attribution oriented so that high means "more of this gene
+        holds the cell in its class" (the signed gradient; minus the CW perturbation, since CW lowers what
+        keeps a cell in its class; for Integrated Gradients the attribution times the sign of the gene's
+        distance from the baseline). It ranks genes higher in the group first, as `sc.tl.rank_genes_groups`
+        does, so panels read like marker panels in a dot plot: the rival class's markers that one-vs-rest CW
+        raises, and the genes a group lacks, go to the end. ``"magnitude"``: the mean |attribution| (the
+        paper's |delta|), which also ranks the genes a class is recognised by *lacking*; use it to find a
+        class marked by genes going down (the paper's Table 1 scores rankings this way).
+    cw_tradeoff, cw_margin, cw_lr, cw_max_iter, cw_n_rounds
+        Eq. 12-13's lambda (start of the search), alpha (margin, in logits), the step size, the budget of
+        steps per cell and the rounds of the binary search over lambda (`scext.models.cw_perturbation`).
+        Lambda weighs the class term against the L1 term; each cell searches its own: it starts at
+        ``cw_tradeoff`` in units of ``1 / (largest |gradient| of the cell's margin)``, so that the default 10
+        moves the genes whose pull is within 10x of the strongest on any data set, and each round halves
+        it after a crossing or multiplies it by 10 after a failure. ``uns[key_added]["cw_reached"]`` records
+        the fraction of each group's cells that crossed; a warning says so when most groups stay below
+        10 % (a start below 1 moves no gene until the search has raised it). ``cw_lr`` is the gradient step
+        as a multiple of the step that would cross the margin in one go were the logits linear.
     cw_space
         ``"logits"`` (default) or ``"proba"``: whether the hinge of eq. 12-13 compares logits or softmax
         outputs; see `scext.models.cw_perturbation` for why logits are the default.
@@ -113,11 +121,14 @@ def rank_genes_perturbation(
 
     ``uns[key_added]``
         Scanpy's rank_genes_groups layout: ``names``, ``scores`` (see `score`), ``signed_scores``
-        (mean signed attribution: positive means the class is reached by raising the gene for gradient
-        methods; for ``cw`` the mean perturbation, negative where lowering the gene leaves the class),
-        ``logfoldchanges`` (Scanpy's formula, group vs reference, on the model's input matrix), ``pvals`` and
-        ``pvals_adj`` (NaN: attributions give no test), ``params``, ``n_cells`` explained per group, and for
-        ``cw`` ``cw_reached``: the fraction of those cells whose perturbation crossed the margin.
+        (mean signed attribution: positive means raising the gene supports the class for gradient methods,
+        for Integrated Gradients turned by the sign of the gene's distance from the baseline; for ``cw`` the
+        mean perturbation, negative where lowering the gene leaves the class),
+        ``logfoldchanges`` (Scanpy's formula, group vs reference, on ``adata.raw`` when the model reads ``X``
+        and ``.raw`` holds its genes, as Scanpy's default ``use_raw=None`` does, else on the model's input
+        matrix), ``pvals`` and ``pvals_adj`` (NaN: attributions give no test), ``params``, ``n_cells``
+        explained per group, and for ``cw`` ``cw_reached``: the fraction of those cells whose perturbation
+        crossed the margin.
         ``sc.get.rank_genes_groups_df`` and ``sc.pl.rank_genes_groups_*`` take it via ``key=key_added``.
     ``varm["<key_added>_scores"]``
         Genes x groups score matrix (NaN for genes the model does not read).
@@ -136,6 +147,7 @@ def rank_genes_perturbation(
         raise ValueError("groups=[] selects no class; pass None for every class, or a list of class names.")
     for name, value in (
         ("cw_max_iter", cw_max_iter),
+        ("cw_n_rounds", cw_n_rounds),
         ("sg_n_samples", sg_n_samples),
         ("ig_n_steps", ig_n_steps),
         ("batch_size", batch_size),
@@ -171,6 +183,7 @@ def rank_genes_perturbation(
     net = model.net.to(torch_device).eval()
     for parameter in net.parameters():
         parameter.requires_grad_(False)
+    ig_origin = _baseline(net, model, ig_baseline, torch_device)
     explain = {
         "cw": partial(
             cw_perturbation,
@@ -178,12 +191,13 @@ def rank_genes_perturbation(
             margin=cw_margin,
             lr=cw_lr,
             max_iter=cw_max_iter,
+            n_rounds=cw_n_rounds,
             space=cw_space,
         ),
         "smoothgrad": partial(smoothgrad, n_samples=sg_n_samples, noise_std=sg_noise_std),
         "integrated_gradients": partial(
             integrated_gradients,
-            baseline=_baseline(net, model, ig_baseline, torch_device),
+            baseline=ig_origin,
             n_steps=ig_n_steps,
         ),
     }[method]
@@ -205,8 +219,13 @@ def rank_genes_perturbation(
         for chunk in range(0, len(rows), batch_size):
             z = net.standardize(dense_rows(matrix, rows[chunk : chunk + batch_size], torch_device))
             attribution = explain(net.forward_standardized, z, source, reference_index)
-            total += attribution.sum(0, dtype=torch.float64)
             total_abs += attribution.abs().sum(0, dtype=torch.float64)
+            if method == "integrated_gradients":
+                # IG's attribution is the distance from the baseline times the path's mean gradient; turned
+                # by the direction of that distance, positive means "more of this gene supports the class"
+                # as for the other methods (a gene low in the class with a negative gradient is no support)
+                attribution = attribution * torch.sign(z - ig_origin)
+            total += attribution.sum(0, dtype=torch.float64)
             if method == "cw":
                 with torch.no_grad():
                     hinge = cw_hinge(
@@ -227,20 +246,24 @@ def rank_genes_perturbation(
             reached[group] = n_reached / len(rows)
     if not scores:
         raise ValueError("No group had a correctly classified cell; nothing to rank.")
-    # a few rare groups that resist are normal; most groups never crossing means lambda is too small
+    # a few rare groups that resist are normal; most groups never crossing means the search fell short
     stuck = {group: fraction for group, fraction in reached.items() if fraction < 0.1}
     if len(stuck) > len(reached) / 2:
         warnings.warn(
             f"The CW perturbation took fewer than 10% of the cells across the margin in {len(stuck)} of "
             f"{len(reached)} groups ({', '.join(f'{g}: {f:.0%}' for g, f in list(stuck.items())[:5])}"
             f"{', ...' if len(stuck) > 5 else ''}); their rankings then follow the L1 step more than the "
-            f"classifier. Raise cw_tradeoff (now {cw_tradeoff}; 100 suited baron_mouse); see "
-            f"uns[{key_added!r}]['cw_reached'].",
+            f"classifier. The search over lambda started at cw_tradeoff={cw_tradeoff} (in units of 1 / the "
+            f"largest gradient of each cell's margin) and ran cw_n_rounds={cw_n_rounds} rounds; raise "
+            f"either (the default, 10, suits every data set tried); see uns[{key_added!r}]['cw_reached'].",
             stacklevel=2,
         )
 
     result = _rank_genes_groups_layout(
-        scores, signed, _log_fold_changes(matrix, labels, list(scores), reference), model.var_names
+        scores,
+        signed,
+        _log_fold_changes(_fold_change_matrix(adata, model, matrix), labels, list(scores), reference),
+        model.var_names,
     )
     result["params"] = {
         "groupby": groupby,
@@ -256,6 +279,7 @@ def rank_genes_perturbation(
         "cw_margin": cw_margin,
         "cw_lr": cw_lr,
         "cw_max_iter": cw_max_iter,
+        "cw_n_rounds": cw_n_rounds,
         "cw_space": cw_space,
         "sg_n_samples": sg_n_samples,
         "sg_noise_std": sg_noise_std,
@@ -287,6 +311,20 @@ def _baseline(net, model: Kratos, kind: str, device: torch.device) -> torch.Tens
     """IG baseline in the standardised space: its zero vector, or zero expression mapped into it."""
     origin = torch.zeros(1, len(model.var_names), device=device)
     return origin if kind == "zero" else net.standardize(origin)
+
+
+def _fold_change_matrix(adata: AnnData, model: Kratos, matrix):
+    """The matrix Scanpy's rank_genes_groups would take at its defaults: ``adata.raw`` when there is one.
+
+    Scanpy reads ``.raw`` by default (``use_raw=None``); so do these fold changes when the model reads
+    ``X`` and ``.raw`` holds all its genes (as in pbmc68k_reduced, whose ``X`` is scaled and ``.raw``
+    log-normalised). Otherwise the model's own input matrix.
+    """
+    if model.layer is None and not model.use_raw and adata.raw is not None:
+        columns = adata.raw.var_names.get_indexer(model.var_names)
+        if (columns >= 0).all():
+            return adata.raw.X[:, columns]
+    return matrix
 
 
 def _log_fold_changes(matrix, labels: np.ndarray, groups: list[str], reference: str) -> dict[str, np.ndarray]:
