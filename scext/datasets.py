@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+__all__ = ["data_dir", "load", "synthetic_counts"]
+
 SHARED_NAMES = (
     "kratos_sim_140",
     "kratos_sim_220",
@@ -32,7 +34,19 @@ def data_dir() -> Path:
 
 
 def load(name: str) -> ad.AnnData:
-    """Read one labelled data set (``obs["cell_type"]``) from `data_dir`, e.g. ``load("baron_mouse")``."""
+    """Read one labelled data set (``obs["cell_type"]``) from `data_dir`, e.g. ``load("baron_mouse")``.
+
+    Parameters
+    ----------
+    name
+        One of ``kratos_sim_140``, ``kratos_sim_220``, ``baron_mouse``, ``pbmc3k_hvg250``,
+        ``10x_pbmc_top2000``, ``mouse_bladder_top2000``, ``paul15``, ``yan``, ``cellbench_celseq2_3cl``,
+        ``pbmc_small``.
+
+    Returns
+    -------
+    The AnnData read from ``<data_dir()>/<name>.h5ad``.
+    """
     if name not in SHARED_NAMES:
         raise ValueError(f"Unknown data set {name!r}; choose one of {SHARED_NAMES}.")
     path = data_dir() / f"{name}.h5ad"
@@ -63,11 +77,23 @@ def synthetic_counts(
 
     Parameters
     ----------
+    n_cells, n_genes
+        Size of the matrix.
+    n_types
+        Number of cell types; each cell gets one uniformly at random.
+    n_markers
+        Marker genes per type (disjoint blocks, so ``n_types * n_markers <= n_genes``).
+    fold_change
+        Factor on the mean of a type's marker genes in the cells of that type.
+    dispersion
+        Negative-binomial dispersion: variance = mu + dispersion * mu^2.
     mean_log_expression
         Mean of the genes' log base expression (standard deviation 1). The default 0 gives about 55% non-zero
         counts; -2.5 gives about 10%, as in droplet data, and keeps 10^6 cells x 2,000 genes near 2 GB.
     counts_layer
         Also store the counts in ``layers["counts"]`` (a second copy; leave it off for very large data).
+    random_state
+        Seed of every draw.
 
     Returns
     -------

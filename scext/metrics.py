@@ -19,6 +19,8 @@ from sklearn.svm import SVC
 
 from ._utils import get_matrix, matrix_source
 
+__all__ = ["clustering_scores", "compare_panels", "panel_auroc", "panel_redundancy", "svm_auroc"]
+
 # silhouette is O(n^2); above this many cells it is estimated on a seeded subsample
 SILHOUETTE_MAX_CELLS = 5000
 
@@ -28,8 +30,21 @@ def clustering_scores(
 ) -> dict[str, float]:
     """ARI, AMI and NMI of `labels_pred` against `labels_true`, and the silhouette of `embedding`.
 
-    The silhouette is computed with `labels_true` as the grouping (how well the embedding separates the
-    known classes), on at most 5,000 cells drawn with `random_state`. Keys whose input is missing are left out.
+    Parameters
+    ----------
+    labels_true
+        Reference labels, one per cell.
+    labels_pred
+        Predicted labels (e.g. ``adata.obs["cicl"]``), or None.
+    embedding
+        Cells x dimensions, or None. The silhouette groups it by `labels_true` (how well the embedding
+        separates the known classes), on at most 5,000 cells.
+    random_state
+        Seeds the subsample of the silhouette.
+
+    Returns
+    -------
+    ``{"ari", "ami", "nmi", "silhouette"}``; keys whose input is missing are left out.
     """
     labels_true = np.asarray(labels_true).astype(str)
     scores: dict[str, float] = {}

@@ -37,7 +37,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(
                 f"device={device!r} was asked for, but torch sees no CUDA device (torch {torch.__version__}). "
-                "Use device='cpu', or install a CUDA build of torch (README, 'Installation')."
+                "Use device='cpu', or install a CUDA build of torch (README, 'Set-up')."
             )
         index = resolved.index or 0
         if index >= torch.cuda.device_count():

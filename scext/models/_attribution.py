@@ -36,34 +36,46 @@ def cw_perturbation(
     n_rounds: int = 4,
     space: str = "logits",
 ) -> torch.Tensor:
-    """Carlini-Wagner style perturbation of each cell of class `source` (eq. 12-13), lambda chosen per cell.
+    """Carlini-Wagner style perturbation of each cell of class `source`, with the trade-off chosen per cell.
 
     Minimises ``|delta|_1 + lambda * max(0, margin + a_s(z + delta) - a_r(z + delta))`` per cell, where
-    ``a_r`` is the largest other class (one-vs-rest, eq. 12) or the class `reference` (one-vs-one, eq. 13).
-    Each cell is optimised on its own (the result does not depend on which cells are batched together).
+    ``a_r`` is the largest other class (one-vs-rest, KRATOS eq. 12) or the class `reference` (one-vs-one,
+    eq. 13). Each cell is optimised on its own (the result does not depend on which cells are batched
+    together).
 
-    Trade-off: a binary search over lambda per cell, as Carlini and Wagner do (and EAD, their L1 variant,
-    Chen et al. 2018), for `n_rounds` rounds. Lambda starts at ``tradeoff / max_i |g_i|``, with ``g`` the
-    gradient of the cell's hinge at ``delta = 0``: genes whose pull is within ``tradeoff``-fold of the
-    strongest leave zero in the first step, whatever the number of genes or the scale of the logits. After a
-    round, a cell that crossed the margin halves lambda (or bisects towards the largest lambda known to
-    fail), and a cell that did not multiplies it by 10 until one crosses, then bisects. The result is the
-    smallest (L1) perturbation that crossed in any round; a cell that never crossed keeps the last round's
-    perturbation (`cw_hinge` tells them apart).
+    Lambda is found per cell by a binary search, as Carlini and Wagner do: it starts at
+    ``tradeoff / max_i |g_i|``, with ``g`` the gradient of the cell's hinge at ``delta = 0``; after a round, a
+    cell that crossed the margin halves it (or bisects towards the largest lambda known to fail), and a cell
+    that did not multiplies it by 10. Each round starts from ``delta = 0`` and takes proximal-gradient (ISTA)
+    steps: a gradient step on the hinge, then soft-thresholding for the L1 term, which keeps untouched genes
+    exactly at zero. The result is the smallest (L1) perturbation that crossed in any round; a cell that never
+    crossed keeps the last round's perturbation (`cw_hinge` tells them apart). The
+    :doc:`KRATOS page </methods/kratos>` says why this departs from the paper's Algorithm 1.
 
-    Each round starts from ``delta = 0`` and takes at most ``max_iter // n_rounds`` proximal-gradient (ISTA)
-    steps (`max_iter` is the budget of steps per cell over all rounds): a gradient step on the hinge, then
-    the proximal step of the L1 term, soft-thresholding. Algorithm 1's update
-    ``delta - lr * (sign(delta) + lambda * grad)`` uses a subgradient of the L1 term instead, which leaves
-    every gene oscillating around zero; the proximal step keeps a gene exactly at zero while its pull stays
-    below ``1 / lambda``, so there is no L1 noise. The gradient step of a cell is `lr` times the step that
-    would cross its margin in one go were the logits linear (``hinge / |g|^2``). A cell stops early in a
-    round once it crosses the margin (the search then tries a smaller lambda, which moves fewer genes), or
-    when no gene leaves zero (lambda too small; the next round raises it).
-
-    ``space="logits"`` takes ``a`` as the logits, as Carlini and Wagner's own objective does; ``"proba"``
-    takes the softmax output, as eq. 12 is written. On a confidently classified cell the softmax is
-    saturated and its gradient vanishes against the L1 term (README, benchmarks/kratos_simulation.py).
+    Parameters
+    ----------
+    logits_of
+        The classifier from its standardised input to logits (``KratosNet.forward_standardized``).
+    z
+        Cells x genes in that standardised input space.
+    source
+        Index of the class the cells belong to.
+    reference
+        ``None`` (one-vs-rest) or the index of the class to push the cells towards (one-vs-one).
+    tradeoff
+        Where the search over lambda starts, in units of 1 / the largest gradient of the cell's margin.
+    margin
+        The margin alpha, in the units of `space`.
+    lr
+        The gradient step as a multiple of the step that would cross the margin were the logits linear.
+    max_iter
+        Steps per cell over all rounds.
+    n_rounds
+        Rounds of the search over lambda.
+    space
+        ``"logits"`` (as Carlini and Wagner's own objective) or ``"proba"`` (the softmax outputs, as the
+        KRATOS paper writes eq. 12). On a confidently classified cell the softmax is saturated and its
+        gradient vanishes against the L1 term.
 
     Returns
     -------
@@ -148,10 +160,23 @@ def _hinge_and_grad(logits_of, z, delta, source, reference, margin, space):
 def cw_hinge(
     logits: torch.Tensor, source: int, reference: int | None, *, margin: float, space: str = "logits"
 ) -> torch.Tensor:
-    """Per cell ``max(0, margin + a_s - a_r)``, the class term of eq. 12-13; zero once the cell has crossed.
+    """Per cell ``max(0, margin + a_s - a_r)``, the class term of CW's objective; zero once the cell has crossed.
 
     Evaluated on ``z + delta`` after `cw_perturbation`, a zero hinge says the perturbation reached the rival
-    class; where it stays positive, delta is mostly the L1 step's noise around zero (raise `tradeoff`).
+    class.
+
+    Parameters
+    ----------
+    logits
+        Cells x classes logits of the (perturbed) cells.
+    source, reference
+        As in `cw_perturbation`.
+    margin, space
+        As in `cw_perturbation`.
+
+    Returns
+    -------
+    The hinge of every cell.
     """
     scores = torch.softmax(logits, dim=1) if space == "proba" else logits
     own = scores[:, source]
@@ -177,7 +202,29 @@ def smoothgrad(
     n_samples: int = 50,
     noise_std: float = 0.5,
 ) -> torch.Tensor:
-    """SmoothGrad (eq. 8) of the class score: gradients averaged over Gaussian-noised copies (Captum)."""
+    """SmoothGrad of the class score: gradients averaged over Gaussian-noised copies (Captum).
+
+    The class score is the `source` logit, or its margin over `reference`.
+
+    Parameters
+    ----------
+    logits_of
+        The classifier from its standardised input to logits (``KratosNet.forward_standardized``).
+    z
+        Cells x genes in that standardised input space.
+    source
+        Index of the class the cells belong to.
+    reference
+        ``None`` (one-vs-rest) or the index of the class to push the cells towards (one-vs-one).
+    n_samples
+        Noisy copies per cell.
+    noise_std
+        Standard deviation of the noise, in standardised units.
+
+    Returns
+    -------
+    Attributions, same shape as `z`.
+    """
     explainer = NoiseTunnel(Saliency(lambda v: contrast_score(logits_of(v), source, reference)))
     cells_per_chunk = max(1, _SCRATCH_ELEMENTS // (n_samples * z.shape[1]))
     return torch.cat(
@@ -199,7 +246,29 @@ def integrated_gradients(
     baseline: torch.Tensor,
     n_steps: int = 50,
 ) -> torch.Tensor:
-    """Integrated Gradients (eq. 9, right Riemann sum over `n_steps`) from `baseline` (Captum)."""
+    """Integrated Gradients of the class score from `baseline` (right Riemann sum; Captum).
+
+    The class score is the `source` logit, or its margin over `reference`.
+
+    Parameters
+    ----------
+    logits_of
+        The classifier from its standardised input to logits (``KratosNet.forward_standardized``).
+    z
+        Cells x genes in that standardised input space.
+    source
+        Index of the class the cells belong to.
+    reference
+        ``None`` (one-vs-rest) or the index of the class to push the cells towards (one-vs-one).
+    baseline
+        The baseline cell x' (1 x genes, standardised), broadcast to every cell.
+    n_steps
+        Steps of the Riemann sum.
+
+    Returns
+    -------
+    Attributions, same shape as `z`.
+    """
     explainer = IntegratedGradients(lambda v: contrast_score(logits_of(v), source, reference))
     internal_batch = max(n_steps, _SCRATCH_ELEMENTS // z.shape[1])
     return explainer.attribute(

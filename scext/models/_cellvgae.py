@@ -1,4 +1,4 @@
-"""CellVGAE (Buterez et al., Bioinformatics 2022, paper 003): a variational graph autoencoder with graph
+"""CellVGAE (Buterez et al., Bioinformatics 2022): a variational graph autoencoder with graph
 attention over a cell graph. `CellVGAENet` is the torch module (no AnnData inside); `CellVGAE` holds it with
 its genes, scaler and reference cells, trains it and places new cells into its graph.
 """
@@ -44,7 +44,7 @@ def _convolution(kind: str, in_size: int, out_size: int, heads: int, concat: boo
 
 
 class CellVGAENet(nn.Module):
-    """CellVGAE's encoder (paper 003, eq. 6-7) and optional feature decoder (eq. 11).
+    """CellVGAE's encoder (Buterez et al., Bioinformatics 2022, eq. 6-7) and optional feature decoder.
 
     Hidden graph layers concatenate their heads, with ReLU between layers; the mu and log-sigma layers are
     of the same type and average their heads. The edge decoder is the parameter-free inner product

@@ -116,6 +116,18 @@ class CiclNet(nn.Module):
     The output matrices of the attention (W^O) and feed-forward (W_2) branches start at `BRANCH_INIT_SCALE`
     of PyTorch's default scale, so that the untrained encoder stays close to its input (small-init residual
     branches); the equations are unchanged.
+
+    Parameters
+    ----------
+    n_genes
+        Genes of the input.
+    n_layers, n_heads, head_dim, feedforward_dim
+        Transformer layers, attention heads, their width (default width // heads) and the feed-forward
+        width.
+    projection_sizes
+        Widths of the projection head (eq. 10).
+    n_pcs
+        Principal components of the input (then the width is ``n_pcs + 1``), or None (the genes).
     """
 
     def __init__(
@@ -237,8 +249,8 @@ class Cicl(Model):
     n_layers, n_heads, head_dim, feedforward_dim, projection_sizes
         Architecture (Table 2: 4 layers, feed-forward 1024 wide, projection head [1024, 512]). `head_dim`
         defaults to ``width // n_heads``.
-    temperature, cluster_weight, alpha
-        T of eq. 12/15, lambda of eq. 17, and the Student-t degrees of freedom of eq. 8.
+    temperature, cluster_weight, student_t_dof
+        T of eq. 12/15, lambda of eq. 17, and the Student-t degrees of freedom of eq. 8 (the paper's alpha).
     kmeans_iter
         Lloyd iterations of the per-step K-means (seeded afresh by k-means++ at every step).
     var_names, layer, use_raw

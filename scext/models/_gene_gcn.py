@@ -1,4 +1,4 @@
-"""Gene-interaction feature smoothing before the classifier (paper 001, "Feature smoothing with GCN")."""
+"""Gene-interaction feature smoothing before the KRATOS classifier (the gene-GCN report's GCN smoothing)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,20 @@ ATTENTION_CHUNK = 256
 
 
 def normalized_prior(graph, diagonal: str = "zero") -> sp.coo_matrix:
-    """Prior global graph as the paper builds it: interaction scores divided by their maximum.
+    """Prior global graph as the gene-GCN report builds it: interaction scores divided by their maximum.
 
-    ``diagonal="zero"`` makes genes attend to other genes only (the paper's better variant); ``"one"`` adds
-    each gene's own feature at full weight.
+    Parameters
+    ----------
+    graph
+        Genes x genes matrix of finite, non-negative interaction scores (dense or sparse); its diagonal is
+        ignored.
+    diagonal
+        ``"zero"`` makes genes attend to other genes only (the report's better variant); ``"one"`` adds
+        each gene's own feature at full weight.
+
+    Returns
+    -------
+    The normalised graph as a float32 COO matrix.
     """
     if diagonal not in ("zero", "one"):
         raise ValueError(f"prior_diagonal={diagonal!r} is unknown; choose 'zero' or 'one'.")
@@ -42,16 +52,22 @@ def normalized_prior(graph, diagonal: str = "zero") -> sp.coo_matrix:
 class GeneGraphSmoothing(nn.Module):
     """Per-cell gene graph by embedded dot product, optional prior graph, one GCN layer, residual sum.
 
-    Each gene of a cell is a node with feature ``x_i = z_i * u_i + b_i`` in R^d: its standardised
-    expression ``z_i`` times a learned gene embedding ``u_i``, plus a learned offset, so that genes have an
-    identity the graph can learn. The individual graph is ``G_ij = softmax_j(theta(x_i)^T phi(x_j) / sqrt(d_k))``
-    (rows sum to 1); the prior graph P (interaction scores / max) is added to it, as both are scaled to
-    [0, 1]. The GCN layer is ``ReLU((G + P) X W)``, summed with X (residual), and a linear read-out returns
-    one value per gene, so the classifier after it still sees genes.
+    Each gene of a cell is a node with feature ``x_i = z_i * u_i + b_i``: its standardised expression
+    ``z_i`` times a learned gene embedding ``u_i``, plus a learned offset. The individual graph is
+    ``G_ij = softmax_j(theta(x_i)^T phi(x_j) / sqrt(d_k))``; the prior graph P is added to it, the GCN layer
+    ``ReLU((G + P) X W)`` is summed with X, and a linear read-out returns one value per gene. The
+    :doc:`gene-GCN page </methods/gene_gcn>` gives the equations and the memory this takes.
 
-    Memory: G is genes x genes per cell. On CUDA the attention runs in PyTorch's fused kernels, which never
-    hold G; on the CPU query genes are processed in chunks of 256 under activation checkpointing, so a
-    minibatch holds ``batch x 256 x genes`` scores (64 cells x 2,000 genes: 131 MB) at a time.
+    Parameters
+    ----------
+    n_genes
+        Number of genes (nodes).
+    gene_dim
+        d, the width of a gene's node feature.
+    key_dim
+        d_k, the width of theta and phi.
+    prior
+        Prior graph from `normalized_prior`, or None.
     """
 
     def __init__(

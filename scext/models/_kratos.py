@@ -21,11 +21,20 @@ CPU = torch.device("cpu")
 
 
 class KratosNet(nn.Module):
-    """Per-gene standardisation, an optional backbone (paper 001's gene-graph smoothing), then fully
+    """Per-gene standardisation, an optional backbone (the gene-GCN feature smoothing), then fully
     connected ReLU layers (the last is the embedding), then logits.
 
     The standardisation is part of the module, so training, prediction and every explanation method see
     the same scaled input; explanations work in that scaled space (`forward_standardized`).
+
+    Parameters
+    ----------
+    n_genes, n_classes
+        Input and output widths.
+    hidden_sizes
+        Widths of the fully connected layers; the last is the embedding.
+    smoothing
+        A module applied to the standardised input first (`GeneGraphSmoothing`), or None.
     """
 
     def __init__(
@@ -91,7 +100,7 @@ class Kratos(Model):
     layer, use_raw
         Where the model reads expression in an AnnData (as in `scext.tl.kratos`).
     backbone
-        ``"mlp"`` (paper 000) or ``"gene_gcn"`` (paper 001's gene-graph smoothing before the classifier).
+        ``"mlp"`` (the KRATOS classifier) or ``"gene_gcn"`` (the gene-GCN feature smoothing before it).
     gene_dim, key_dim
         Gene feature and key sizes of the ``gene_gcn`` backbone.
     prior
@@ -225,7 +234,7 @@ class Kratos(Model):
         generator: torch.Generator | None = None,
         progress_bar: bool | None = None,
     ) -> dict[str, list[float]]:
-        """Initialise the layers up to the embedding as the encoder of an autoencoder (paper 001).
+        """Initialise the layers up to the embedding as the encoder of an autoencoder (gene-GCN report).
 
         The decoder mirrors the hidden layers back to the genes and is discarded afterwards; the loss is
         the MSE of the standardised expression. Labels are not used. Returns the history.

@@ -1,4 +1,4 @@
-"""scDEFER (paper 004): fusion cell-topology encoder, TAGConv graph encoder, ZINB decoder, DEC-style clustering."""
+"""scDEFER (Cheng et al., AAAI 2024): fusion cell-topology encoder, TAGConv graph encoder, ZINB decoder, DEC-style clustering."""
 
 from __future__ import annotations
 

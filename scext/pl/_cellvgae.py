@@ -25,7 +25,28 @@ def attention_embedding(
 
     A cell's value is the mean of the coefficients its neighbours give its messages (its column of
     ``obsp["<key>_attention"]``, self-loop excluded): high values mark the cells that contribute most.
-    Other keyword arguments go to `scanpy.pl.embedding`.
+
+    Parameters
+    ----------
+    adata
+        AnnData on which `scext.tl.cellvgae` ran with a GAT or GATv2 encoder.
+    basis
+        Embedding to draw on: ``obsm["X_<basis>"]``.
+    key
+        The tool's `key_added`.
+    show
+        Show the plot; defaults to ``sc.settings.autoshow``.
+    save
+        ``True`` or a file-name suffix (e.g. ``"_pbmc.pdf"``), saved under ``sc.settings.figdir`` as Scanpy
+        does.
+    return_fig
+        Return the figure.
+    **kwargs
+        Passed to `scanpy.pl.embedding`.
+
+    Returns
+    -------
+    What `scanpy.pl.embedding` returns for these arguments.
     """
     attention = _attention(adata, key)
     off_diagonal = attention - sp.diags(attention.diagonal())
@@ -54,6 +75,34 @@ def attention_graph(
     Nodes are the cells those edges touch, coloured by ``obs[color]`` (categorical) when given; arrows go
     from the cell whose message is weighted to the cell that weighs it, wider for larger coefficients.
     Nodes sit at a spring layout, or at their coordinates in ``obsm["X_<basis>"]`` when `basis` is given.
+
+    Parameters
+    ----------
+    adata
+        AnnData on which `scext.tl.cellvgae` ran with a GAT or GATv2 encoder.
+    key
+        The tool's `key_added`; the coefficients are read from ``obsp["<key>_attention"]``.
+    color
+        Categorical column of ``adata.obs`` that colours the nodes.
+    n_edges
+        Number of strongest edges drawn.
+    self_loops
+        Include the weight a cell gives its own message.
+    basis
+        Place the nodes at ``obsm["X_<basis>"]`` instead of a spring layout.
+    ax
+        Draw into these axes instead of a new figure.
+    show
+        Show the plot; defaults to ``sc.settings.autoshow``.
+    save
+        ``True`` or a file-name suffix (e.g. ``"_pbmc.pdf"``), saved under ``sc.settings.figdir`` as Scanpy
+        does.
+    return_fig
+        Return the figure.
+
+    Returns
+    -------
+    The figure if `return_fig`, else None.
     """
     import networkx as nx
 
@@ -114,7 +163,31 @@ def learned_expression(
     """The model's learned expression of genes, E . g, on an embedding (CellVGAE sec. 3.5, Fig. 7).
 
     E is the latent embedding ``obsm["X_<key>"]`` and g a gene's row of ``varm["<key>_loadings"]`` (P_mu);
-    positive values read as high expression. Other keyword arguments go to `scanpy.pl.embedding`.
+    positive values read as high expression.
+
+    Parameters
+    ----------
+    adata
+        AnnData on which `scext.tl.cellvgae` ran.
+    genes
+        One gene or several, among the model's node features (``var["<key>_feature"]``).
+    basis
+        Embedding to draw on: ``obsm["X_<basis>"]``.
+    key
+        The tool's `key_added`.
+    show
+        Show the plot; defaults to ``sc.settings.autoshow``.
+    save
+        ``True`` or a file-name suffix (e.g. ``"_pbmc.pdf"``), saved under ``sc.settings.figdir`` as Scanpy
+        does.
+    return_fig
+        Return the figure.
+    **kwargs
+        Passed to `scanpy.pl.embedding` (default colour map ``RdBu_r`` centred at 0).
+
+    Returns
+    -------
+    What `scanpy.pl.embedding` returns for these arguments.
     """
     genes = [genes] if isinstance(genes, str) else list(genes)
     loadings_key = f"{key}_loadings"

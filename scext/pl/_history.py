@@ -19,8 +19,29 @@ def training_history(
     """Loss and every other logged term per epoch, training and validation side by side.
 
     Reads ``adata.uns[key]["history"]`` written by any scext tool; one panel per term (``loss``,
-    ``accuracy``, ...), the validation curve dashed, the restored best epoch marked. Panels fill rows of
-    `ncols`.
+    ``accuracy``, ...), the validation curve dashed, the restored best epoch marked.
+
+    Parameters
+    ----------
+    adata
+        AnnData a scext tool wrote its results to.
+    key
+        The tool's `key_added`.
+    terms
+        Terms to draw, in this order; default every logged term but the validation curves.
+    ncols
+        Panels per row.
+    show
+        Show the plot; defaults to ``sc.settings.autoshow``.
+    save
+        ``True`` or a file-name suffix (e.g. ``"_pbmc.pdf"``), saved under ``sc.settings.figdir`` as Scanpy
+        does.
+    return_fig
+        Return the figure.
+
+    Returns
+    -------
+    The figure if `return_fig`, else None.
     """
     if key not in adata.uns or "history" not in adata.uns[key]:
         raise KeyError(

@@ -83,14 +83,13 @@ def cellvgae(
 ) -> AnnData | None:
     """Embed and cluster cells with CellVGAE, a variational graph autoencoder with graph attention.
 
-    CellVGAE (Buterez et al., Bioinformatics 2022) encodes each cell's (min-max scaled) expression over a
-    cell graph with graph-attention layers (eq. 6-7), samples ``z ~ N(mu, sigma^2)`` and reconstructs the
-    graph's edges with an inner-product decoder against as many random pairs (eq. 10), regularised by a KL
-    or MMD term (eq. 9). The embedding is ``mu``. Clusters are HDBSCAN's on a UMAP of ``mu`` (the paper's
-    procedure; cells it leaves unassigned are labelled ``"noise"``), or Leiden's on a kNN graph of ``mu``.
-    Training is full-graph (one step per epoch), as in the paper, up to 50,000 cells, and on Cluster-GCN
-    minibatches of graph parts beyond (see `training`); no label is read. The trained model
-    (`scext.models.CellVGAE`) embeds and clusters new cells with `scext.tl.cellvgae_predict`.
+    CellVGAE encodes each cell's (min-max scaled) expression over a cell graph with graph-attention layers,
+    samples ``z ~ N(mu, sigma^2)`` and reconstructs the graph's edges with an inner-product decoder,
+    regularised by a KL or MMD term. The embedding is ``mu``. Clusters are HDBSCAN's on a UMAP of ``mu``
+    (the paper's procedure; cells it leaves unassigned are labelled ``"noise"``), or Leiden's on a kNN
+    graph of ``mu``. Training is full-graph up to 50,000 cells and on Cluster-GCN minibatches beyond (see
+    `training`); no label is read. `scext.tl.cellvgae_predict` embeds and clusters new cells with the
+    trained model. The :doc:`CellVGAE page </methods/cellvgae>` gives the equations and scext's choices.
 
     Parameters
     ----------
@@ -134,25 +133,21 @@ def cellvgae(
     n_epochs, lr
         Adam epochs and learning rate; the paper's 200 epochs (sec. 3.7) and 1e-4.
     training, batch_size
-        ``"full"``: one step per epoch on the whole graph (the paper). ``"minibatch"``: Cluster-GCN training;
-        K-means on the node features cuts the cells into parts of about ``batch_size / 4`` cells, and each
-        step trains on 4 random parts joined with the edges among them (every part once per epoch), so
-        memory follows `batch_size`, not the number of cells. It approximates the full graph: edges between
-        parts not drawn together are left out of that step, and attention normalises over the edges kept.
-        Negatives are drawn within the batch; the regulariser keeps its weight per cell; node features are
-        scaled and densified a batch at a time, so a sparse input stays sparse. Inference (the embedding and
-        the attention written) is always exact on the whole graph, without autograd: layer by layer, over
-        the batches' cells with their one-hop neighbours. With `batch_size` at least the number of cells
-        both modes compute the same. ``"auto"`` trains full-graph up to 50,000 cells.
+        ``"full"``: one step per epoch on the whole graph (the paper). ``"minibatch"``: Cluster-GCN
+        training on 4 random graph parts of about ``batch_size / 4`` cells per step, so memory follows
+        `batch_size`, not the number of cells (an approximation: edges between parts not drawn together are
+        left out of that step). Inference is always exact on the whole graph. ``"auto"``: full-graph up to
+        50,000 cells. See :doc:`/large_data`.
     cluster_method
-        ``"hdbscan"`` (scikit-learn's, on a 2-D UMAP of mu with umap-learn's clustering settings,
-        ``n_neighbors=30, min_dist=0``) or ``"leiden"`` (on a 15-nearest-neighbour graph of mu, at
-        `resolution`). ``None`` skips clustering: on atlases the UMAP + HDBSCAN (or kNN + Leiden) of mu can
-        take longer than training; cluster afterwards with ``sc.pp.neighbors(adata, use_rep="X_cellvgae")``
-        and ``sc.tl.leiden``, and describe the clusters with `scext.tl.cellvgae_marker_genes`. The model of
-        an unclustered run embeds new cells but cannot predict their clusters.
+        ``"hdbscan"`` (scikit-learn's, on a 2-D UMAP of mu with ``n_neighbors=30, min_dist=0``) or
+        ``"leiden"`` (on a 15-nearest-neighbour graph of mu). ``None`` skips clustering, which can take
+        longer than training on an atlas; cluster afterwards with ``sc.pp.neighbors(adata,
+        use_rep="X_cellvgae")`` and ``sc.tl.leiden``. The model of an unclustered run embeds new cells but
+        cannot predict their clusters.
     min_cluster_size
         HDBSCAN's smallest cluster; ``None`` means ``max(10, n_cells // 100)``, 1 % of the cells.
+    resolution
+        Leiden's resolution (``cluster_method="leiden"`` only).
     attention_layer
         Which graph layer's attention to store, counted from 1 over the hidden layers then the mu layer; the
         paper shows the second. Ignored for GCN, which has no attention.
@@ -163,14 +158,12 @@ def cellvgae(
         `scext.tl.cellvgae_marker_genes`).
     max_reference_cells
         Training cells the model keeps to place new cells (all of them up to this many, else a seeded
-        sample): their scaled features and the graph among them, ``cells x feature genes x 4`` bytes in the
-        model (40 MB at 5,000 cells x 2,000 genes). See `scext.models.CellVGAE`.
+        sample), with the graph among them; see `scext.models.CellVGAE`.
     {keep_model}
     {device}
     {random_state}
-        On the CPU, bit-for-bit repetition also needs one thread (``torch.set_num_threads(1)``): with more,
-        parallel reductions may round differently from run to run (differences of about 1e-8 that UMAP +
-        HDBSCAN can amplify). On CUDA the scatter operations of graph layers are not bit-reproducible.
+        On the CPU, bit-for-bit repetition also needs one thread (``torch.set_num_threads(1)``); on CUDA
+        the scatter operations of graph layers are not bit-reproducible.
     {progress_bar}
     {key_added}
     {copy}
@@ -197,6 +190,12 @@ def cellvgae(
         ``attention_heads=True`` ``attention_heads`` (one column per head, rows in the CSR order of the
         attention matrix), and with ``keep_model=True`` ``model`` (`scext.models.CellVGAE.from_adata`
         rebuilds it, `scext.tl.cellvgae_predict` uses it).
+
+    References
+    ----------
+    David Buterez, Ioana Bica, Ifrah Tariq, Helena Andrés-Terré and Pietro Liò. CellVGAE: an unsupervised
+    scRNA-seq analysis workflow with graph attention networks. Bioinformatics 38(5):1277-1286, 2022.
+    doi:10.1093/bioinformatics/btab804
     """
     arguments = dict(locals())
     start = logg.info("training CellVGAE")
@@ -504,20 +503,26 @@ def cellvgae_marker_genes(
     n_genes: int = 15,
     n_dims: int = 5,
 ) -> pd.DataFrame:
-    """Genes that drive each cluster's latent profile, from P_mu (CellVGAE sec. 3.4).
+    """Genes that drive each cluster's latent profile, from the loadings P_mu (CellVGAE sec. 3.4).
 
     For each cluster, the `n_dims` latent dimensions where its mean mu departs most from all cells' (in
     standard deviations) are taken; for each such dimension the `n_genes` genes with the largest loading in
     the direction of the departure are selected, and genes are ranked by how many dimensions selected them
-    (then by their summed oriented loading). This is our reading of the paper's "for each cluster, and then
-    for each latent dimension, the 15 top genes": the cluster decides which dimensions count.
+    (then by their summed oriented loading). This is scext's reading of the paper's "for each cluster, and
+    then for each latent dimension, the 15 top genes": the cluster decides which dimensions count.
 
     Parameters
     ----------
+    adata
+        AnnData on which `scext.tl.cellvgae` ran.
     key
         Where `scext.tl.cellvgae` wrote its slots.
     groupby
         Clusters to describe: a column of ``adata.obs``; defaults to CellVGAE's own clusters (`key`).
+    n_genes
+        Genes selected per cluster and latent dimension.
+    n_dims
+        Latent dimensions per cluster.
 
     Returns
     -------

@@ -77,33 +77,17 @@ def cicl(
 ) -> AnnData | None:
     """Cluster cells with CICL, cluster-aware iterative contrastive learning.
 
-    CICL (sec. 2.2-2.3 and Algorithm 1 of the paper) trains a transformer encoder whose tokens are the cells
-    of a minibatch (self-attention is cells x cells, eq. 3-7). At every step two views of the minibatch are
-    drawn by adding N(0, 1) noise mapped onto [0, 1]; K-means on the clean minibatch's representation H
-    (fresh k-means++ seeding, Lloyd iterations, all in torch) gives pseudo-labels through the Student-t
-    assignment of eq. 8-9; the views' projections are trained with the instance-wise InfoNCE loss (eq. 12-14)
-    plus `cluster_weight` times the cluster-aware contrastive loss (eq. 15-16), with Adam. The final labels
-    are K-means (best of `kmeans_n_init` seedings by inertia) on H of all cells. No label in ``adata.obs``
-    is read; the last epoch's model is the one used.
+    CICL trains a transformer encoder whose tokens are the cells of a minibatch. At every step two noisy
+    views of the minibatch are drawn, K-means on the clean minibatch's representation H gives pseudo-labels
+    through a Student-t assignment, and the views' projections are trained with an instance-wise contrastive loss plus
+    `cluster_weight` times a cluster-aware one. The final labels are K-means on H of all cells. No label in
+    ``adata.obs`` is read. The input is the z-scored highly variable genes projected onto their top `n_pcs`
+    principal axes plus one constant coordinate. The :doc:`CICL page </methods/cicl>` gives the equations and
+    why scext's input and training schedule differ from the paper's.
 
-    Embedding at inference: every cell attends to all cells of `adata` (the whole data set is one batch),
-    computed layer by layer in chunks of query cells, so memory stays O(chunk x cells). A cell's embedding
-    then does not depend on any batch split or on the order of the cells; it does depend on which cells are
-    in `adata`, as attention across cells implies. The cost is O(cells^2) per layer: about a second for
-    5,000 cells on a CPU. Above `max_attention_cells` cells, every cell attends instead to a seeded
-    reference sample of that many cells (see `max_attention_cells`).
-
-    Input: the z-scored genes (sec. 2.1) are projected onto their top `n_pcs` principal axes, fixed before
-    training, and one constant coordinate is appended; these ``n_pcs + 1`` values are the transformer's
-    input, and H is as wide. The constant (3 times the scores' root-mean-square norm) keeps the per-cell
-    LayerNorm of eq. 5 and 7 from discarding each cell's distance to the data centre (K-means on
-    LayerNorm-ed components scores far below K-means on the components themselves). The output matrices of
-    the attention and feed-forward branches start at a tenth of PyTorch's default scale, so that the
-    untrained encoder stays close to its input. ``n_pcs=None`` gives the paper's input, the z-scored genes.
-
-    Input is streamed: preprocessing reads the matrix in row blocks (a backed AnnData,
-    ``read_h5ad(path, backed="r")``, is never loaded whole), keeps the log-normalised selected genes as a
-    sparse matrix and z-scores and projects each minibatch on the fly.
+    At inference every cell attends to all cells of `adata`, in chunks (exact; the embedding does not
+    depend on the order of the cells or on any batch split); above `max_attention_cells` cells, to a seeded
+    sample of that many. Input is streamed: a backed AnnData is never loaded whole.
 
     Parameters
     ----------
@@ -113,55 +97,43 @@ def cicl(
         Number of clusters K (required): of the per-step K-means and of the final labels.
     {layer}
     preprocess
-        ``True``: sec. 2.1 on a copy, with Scanpy: drop genes without counts, divide by size factors
-        (library size over its median, ``sc.pp.normalize_total``), natural ``log1p``, keep the `n_top_genes`
-        genes of highest normalised dispersion (``flavor="seurat"``), z-score each gene. ``False``: use the
-        values as given (e.g. already log-normalised, HVG-selected data), z-scored per gene. ``"auto"``:
-        ``True`` when the matrix holds non-negative integers (counts) or non-negative values above 50, which
-        no log-normalised matrix reaches (RPKM, TPM, CPM); else ``False``.
+        ``True``: the paper's preprocessing on a copy, with Scanpy: drop genes without counts,
+        ``normalize_total`` (to the median library size), ``log1p``, keep the `n_top_genes` genes of highest
+        normalised dispersion (``flavor="seurat"``), z-score each gene. ``False``: use the values as given
+        (e.g. log-normalised highly variable genes), z-scored per gene. ``"auto"``: ``True`` when the matrix
+        holds non-negative integers or non-negative values above 50 (RPKM, TPM); else ``False``.
     n_top_genes
-        t of sec. 2.1 (the paper's 500; 2,000 here, as Scanpy's baseline: with the principal-component
-        input the model's cost hardly depends on it); all genes are kept when there are fewer. ``None``: the
-        genes ``var["highly_variable"]`` flags when that column exists, else all (as every scext tool).
+        Genes kept by the preprocessing (the paper's 500); all genes when there are fewer. ``None``: the genes
+        ``var["highly_variable"]`` flags when that column exists, else all.
     n_pcs
-        Principal components of the z-scored genes that, with one constant coordinate, are the
-        transformer's input (see above). ``None``, or no more genes than `n_pcs`: the z-scored genes
-        themselves, as in the paper. At most ``cells - 1`` components are used.
+        Principal components of the z-scored genes that, with one constant coordinate, are the transformer's
+        input. ``None``, or no more genes than `n_pcs`: the z-scored genes themselves, as in the paper.
     n_layers, n_heads, head_dim, feedforward_dim, projection_sizes
-        Transformer layers (paper: 4), attention heads and their width (``head_dim`` defaults to width //
-        heads; the paper gives neither), feed-forward width (eq. 6: width -> 256 -> width) and projection
-        head (eq. 10: width -> 256 -> 128). Table 2's [1024, 1024] and [1024, 512] are sized for 500 genes;
-        for the 51-wide input they would cost twice the time per step. H is as wide as the input (eq. 3-7
-        keep the width).
+        Transformer layers (the paper's 4), attention heads and their width (default width // heads),
+        feed-forward width (width -> feedforward_dim -> width) and projection head sizes.
     temperature, cluster_weight, student_t_dof
-        T (eq. 12, 15; paper 0.5), lambda (eq. 17; paper 0.1; 0 drops the cluster-aware loss, the paper's
-        ablation) and the Student-t degrees of freedom (eq. 8, the paper's alpha; paper 1).
+        Temperature T of both contrastive losses (the paper's 0.5), the weight lambda of the cluster-aware
+        loss (0.1; 0 drops it, the paper's ablation) and the Student-t degrees of freedom (the paper's
+        alpha, 1).
     n_epochs, lr, batch_size
-        Adam training. The paper trains 1000 epochs at lr 1e-5 with batches of 6000 cells (for most of its
-        data sets the whole set, so one step per epoch) on 4 GPUs. Here the cells are split into near-equal
-        minibatches of at most `batch_size` (default 256: the cost per cell hardly depends on it, and smaller
-        batches give more steps per epoch), at lr 1e-4. ``n_epochs=None`` trains for about 300
-        optimizer steps: ``max(10, ceil(300 / steps per epoch))`` epochs, at most 150 (10 epochs and 3,910
-        steps for 100,000 cells; 28 epochs for 2,700 cells; 150 epochs of one step for 90 cells). A step
-        costs about 65-80 ms of one CPU core at the defaults with 256 cells.
+        Adam training on near-equal minibatches of at most `batch_size` cells. ``n_epochs=None`` trains for
+        about 300 optimizer steps: ``max(10, ceil(300 / steps per epoch))`` epochs, at most 150.
     kmeans_iter, kmeans_n_init
         Lloyd iterations of the per-step K-means, and seedings of the final K-means.
     max_attention_cells
-        Inference is exact (every cell attends to every cell) up to this many cells. Above it, a seeded
-        sample of this many reference cells attend among themselves layer by layer and every cell attends
-        to the reference cells, at O(cells x reference) cost. ``None``: always exact.
+        Inference is exact (every cell attends to every cell) up to this many cells; above, every cell attends
+        to a seeded sample of this many reference cells. ``None``: always exact.
     device
         ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a `torch.device`.
         Training, K-means and inference all stay on it; results are copied to the CPU once, at the end.
     random_state
         Seeds the weights, the minibatch order, the noise and every K-means seeding. Runs on the CPU are
-        reproducible bit for bit; on CUDA, attention and K-means reductions use atomic adds, so results
-        agree to float tolerance only (and pseudo-labels may then differ at ties).
+        reproducible bit for bit; on CUDA, results agree to float tolerance only.
     {progress_bar}
     {key_added}
     {keep_model}
-        The CICL model holds its weights, the principal axes (genes x n_pcs), the final centres and up to
-        5,000 training cells' transformer input (`scext.models.Cicl`): about 2 MB at the defaults.
+        The model holds its weights, the principal axes, the final centres and up to 5,000 training cells'
+        transformer input (`scext.models.Cicl`): about 2 MB at the defaults.
     {copy}
 
     Returns
@@ -169,19 +141,23 @@ def cicl(
     `None`, or the copy when ``copy=True``. Writes:
 
     ``obsm["X_<key_added>"]``
-        H, the transformer's representation of every cell (``n_pcs + 1`` wide, or as wide as the genes
-        used when they are the input).
+        H, the transformer's representation of every cell (``n_pcs + 1`` wide, or as wide as the genes used
+        when they are the input).
     ``obs["<key_added>"]``
         Cluster labels ``"0"`` ... ``"K-1"`` (categorical), from K-means on H.
     ``obsm["<key_added>_proba"]``
-        Student-t soft assignment q (eq. 8) of every cell to the final K-means centres.
+        Student-t soft assignment q of every cell to the final K-means centres.
     ``uns[key_added]``
         ``params`` (all arguments; the resolved ``device``, ``input`` matrix, ``preprocessing`` applied,
         ``n_genes`` and ``n_pcs`` used, the ``width`` of H, effective minibatch sizes, ``n_steps``;
-        ``random_state``; ``scext_version``), ``genes`` (the
-        genes used, in order), ``history`` (``loss``, ``instance``, ``cluster`` per epoch, numpy arrays) and,
-        with `keep_model`, ``model`` (`scext.models.Cicl.from_adata` rebuilds it; `scext.tl.cicl_predict`
-        uses it).
+        ``random_state``; ``scext_version``), ``genes`` (the genes used, in order), ``history`` (``loss``,
+        ``instance``, ``cluster`` per epoch) and, with `keep_model`, ``model``
+        (`scext.models.Cicl.from_adata` rebuilds it; `scext.tl.cicl_predict` uses it).
+
+    References
+    ----------
+    Weikang Jiang, Jinxian Wang, Jihong Guan and Shuigeng Zhou. scRNA-seq Data Clustering by Cluster-aware
+    Iterative Contrastive Learning. arXiv:2312.16600, 2023.
     """
     arguments = dict(locals())
     start = logg.info("clustering cells with CICL")

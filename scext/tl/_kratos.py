@@ -56,28 +56,21 @@ def kratos(
 ) -> AnnData | None:
     """Train the KRATOS classifier and embed every cell in its last hidden layer.
 
-    KRATOS (Zhou, Du & Chaterji, KDD 2022, sec. 4.2) fuses dimensionality reduction and clustering into one
-    supervised network: genes -> 256 ReLU -> 64 ReLU -> K softmax, trained with Adam on the binary
-    cross-entropy of the softmax against one-hot labels (eq. 11). The 64-d layer is the embedding. Cells are
-    split per class into train/test (``1 - test_size`` / ``test_size``, the paper's 0.7/0.3) and
-    ``validation_size`` of the training cells are held out for early stopping. Cells whose label is missing
-    are not trained on but are classified (split ``"unlabeled"``).
+    KRATOS fuses dimensionality reduction and clustering into one supervised network: genes -> 256 ReLU ->
+    64 ReLU -> K softmax, trained with Adam on the binary cross-entropy of the softmax against one-hot labels.
+    The 64-d layer is the embedding. Cells are split per class into train and test sets (the paper's 0.7 /
+    0.3), and `validation_size` of the training cells are held out for early stopping. Cells whose label is
+    missing are not trained on but are classified (split ``"unlabeled"``). `scext.tl.rank_genes_perturbation`
+    then ranks genes per class; `scext.tl.kratos_predict` classifies new cells.
 
-    Distributed training: launch a script with ``torchrun --nproc-per-node=4 script.py`` (one process
-    per GPU; add ``--nnodes`` and a rendezvous endpoint for several machines). The script calls
-    ``torch.distributed.init_process_group("nccl")`` (``"gloo"`` on CPUs), reads the same data on every
-    rank (``anndata.read_h5ad(path, backed="r")`` is fine) and calls this function with the same
-    arguments; ``device="auto"`` picks ``cuda:$LOCAL_RANK``. `batch_size` stays the global minibatch:
-    each is split across the ranks and the gradients are averaged over all its rows, so the trained
-    weights and history match a one-process run to float tolerance. Inference (embedding and
-    probabilities of every cell) then runs on every rank, each writing the same results to its AnnData.
+    Under ``torchrun`` with an initialised process group, training is data-parallel over the ranks, with the
+    same results as one process (:ref:`distributed`). The :doc:`KRATOS page </methods/kratos>` has the model.
 
     Parameters
     ----------
     adata
         Cells x genes; any preprocessing (log-normalised counts are typical). May be backed
-        (``anndata.read_h5ad(path, backed="r")``): ``X`` is then streamed from disk in row blocks and
-        minibatches, never loaded whole.
+        (``anndata.read_h5ad(path, backed="r")``): ``X`` is then streamed from disk, never loaded whole.
     groupby
         Column of ``adata.obs`` with the cell-type labels to learn.
     {layer}
@@ -85,22 +78,23 @@ def kratos(
     hidden_sizes
         Hidden layer widths; the last is the embedding size.
     backbone
-        ``"mlp"`` (paper 000) or ``"gene_gcn"``: paper 001's feature smoothing before the classifier, a
-        per-cell gene graph learned by embedded dot product (softmax rows), plus the prior graph if given,
-        one GCN layer ``ReLU(G Z W)`` and a residual sum (`scext.models.GeneGraphSmoothing`). Its cost grows
-        with genes squared per cell: select a few thousand genes (e.g. highly variable ones) first.
+        ``"mlp"`` (the paper's network) or ``"gene_gcn"``: the gene-interaction GCN feature smoothing
+        before the classifier (`scext.models.GeneGraphSmoothing`; :doc:`/methods/gene_gcn`). Its cost grows
+        with the genes squared per cell: select a few hundred to a few thousand genes first.
     prior_graph
-        Key of ``adata.varp`` holding a genes x genes interaction-score matrix (e.g. STRING scores) used as
-        the prior global graph of ``gene_gcn``; scores are divided by their maximum.
+        Key of ``adata.varp`` holding a genes x genes interaction-score matrix (e.g. STRING scores), the prior
+        graph of ``gene_gcn``; scores are divided by their maximum.
     prior_diagonal
-        ``"zero"`` or ``"one"``: the prior graph's diagonal (the paper's two variants).
+        ``"zero"`` or ``"one"``: the prior graph's diagonal.
     gene_dim, key_dim
         Gene feature size d and key size d_k of ``gene_gcn``.
     weight_init
         ``"random"`` or ``"autoencoder"``: first train the layers up to the embedding as the encoder of an
-        autoencoder on the training cells (paper 001), for `n_pretrain_epochs`.
+        autoencoder on the training cells, for `n_pretrain_epochs`.
+    n_pretrain_epochs
+        Epochs of the autoencoder pretraining (``weight_init="autoencoder"`` only).
     n_epochs, lr, batch_size
-        Adam training; the paper's 100, 1e-3 and 64.
+        Adam training; the paper's 100, 1e-3 and 64. Under ``torchrun``, `batch_size` is the global minibatch.
     test_size, validation_size
         Fraction of each class held out for testing, and of the training cells for early stopping. With
         ``test_size=0`` every labelled cell trains the model (no test metrics).
@@ -138,6 +132,12 @@ def kratos(
         ``test_accuracy``, ``test_macro_f1``, ``test_ari``, ``test_ami`` (predictions vs `groupby` on the
         test cells), ``silhouette`` (of the test cells' embedding, grouped by `groupby`) and ``model`` (the
         trained network; `scext.models.Kratos.from_adata` rebuilds it, `scext.tl.kratos_predict` uses it).
+
+    References
+    ----------
+    Zihan Zhou, Zijia Du and Somali Chaterji. KRATOS: Context-Aware Cell Type Classification and
+    Interpretation Using Joint Dimensionality Reduction and Clustering. KDD '22, ACM, 2022.
+    doi:10.1145/3534678.3539455
     """
     arguments = dict(locals())
     start = logg.info(f"training KRATOS classifier on {groupby!r}")

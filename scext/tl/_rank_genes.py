@@ -49,21 +49,19 @@ def rank_genes_perturbation(
     key_added: str | None = None,
     copy: bool = False,
 ) -> AnnData | None:
-    """Rank genes per class by explaining a trained KRATOS classifier (KRATOS sec. 2.4, 4.3).
+    """Rank genes per class by explaining a trained KRATOS classifier.
 
-    For each class, the cells of that class the classifier gets right (Algorithm 1, step 2) are explained,
-    and a gene's score is the mean over those cells of its attribution, oriented so that genes holding the
-    cells in their class come first (see `score`). Attributions live in the classifier's standardised input
-    space, so scores are in units of each gene's standard deviation.
+    For each class, the cells of that class the classifier gets right are explained, and a gene's score is the
+    mean over those cells of its attribution (see `score`). Attributions live in the classifier's standardised
+    input space, so scores are in units of each gene's standard deviation.
 
-    - ``"cw"``: Carlini-Wagner style perturbation (eq. 12 one-vs-rest, eq. 13 one-vs-one towards
-      `reference`): per cell, the smallest (L1) change of its standardised expression that moves it across
-      the margin, with the trade-off lambda found per cell by a binary search, as Carlini and Wagner do
-      (`scext.models.cw_perturbation`).
-    - ``"smoothgrad"``: eq. 8, the gradient of the class logit averaged over noisy copies (Captum).
-    - ``"integrated_gradients"``: eq. 9 from a baseline cell (Captum).
+    - ``"cw"``: Carlini-Wagner style perturbation (one-vs-rest, or one-vs-one towards `reference`): per cell,
+      the smallest (L1) change of its standardised expression that moves it across the margin, with the
+      trade-off searched per cell (`scext.models.cw_perturbation`).
+    - ``"smoothgrad"``: the gradient of the class logit averaged over noisy copies (Captum).
+    - ``"integrated_gradients"``: gradients integrated along the path from a baseline cell (Captum).
 
-    Gradient methods explain the class logit (one-vs-rest) or its margin over `reference` (one-vs-one).
+    The :doc:`KRATOS page </methods/kratos>` gives the paper's equations and how scext departs from them.
 
     Parameters
     ----------
@@ -78,34 +76,24 @@ def rank_genes_perturbation(
     reference
         ``"rest"`` (one-vs-rest) or a class name: each group is pushed towards that class (one-vs-one).
     score
-        ``"support"`` (default): the mean signed attribution oriented so that high means "more of this gene
-        holds the cell in its class" (the signed gradient; minus the CW perturbation, since CW lowers what
-        keeps a cell in its class; for Integrated Gradients the attribution times the sign of the gene's
-        distance from the baseline). It ranks genes higher in the group first, as `sc.tl.rank_genes_groups`
-        does, so panels read like marker panels in a dot plot: the rival class's markers that one-vs-rest CW
-        raises, and the genes a group lacks, go to the end. ``"magnitude"``: the mean |attribution| (the
-        paper's |delta|), which also ranks the genes a class is recognised by *lacking*; use it to find a
-        class marked by genes going down (the paper's Table 1 scores rankings this way).
+        ``"support"``: the mean signed attribution, oriented so that genes whose increase holds a cell in its
+        class come first; panels then read like marker panels, as those of `scanpy.tl.rank_genes_groups` do.
+        ``"magnitude"``: the mean absolute attribution (the paper's ranking), which also ranks the genes a
+        class is recognised by *lacking*; use it to find classes marked by genes going down.
     cw_tradeoff, cw_margin, cw_lr, cw_max_iter, cw_n_rounds
-        Eq. 12-13's lambda (start of the search), alpha (margin, in logits), the step size, the budget of
-        steps per cell and the rounds of the binary search over lambda (`scext.models.cw_perturbation`).
-        Lambda weighs the class term against the L1 term; each cell searches its own: it starts at
-        ``cw_tradeoff`` in units of ``1 / (largest |gradient| of the cell's margin)``, so that the default 10
-        moves the genes whose pull is within 10x of the strongest on any data set, and each round halves
-        it after a crossing or multiplies it by 10 after a failure. ``uns[key_added]["cw_reached"]`` records
-        the fraction of each group's cells that crossed; a warning says so when most groups stay below
-        10 % (a start below 1 moves no gene until the search has raised it). ``cw_lr`` is the gradient step
-        as a multiple of the step that would cross the margin in one go were the logits linear.
+        CW's trade-off lambda where the per-cell search starts (in units of 1 / the largest gradient of the
+        cell's margin), the margin alpha (in logits), the step size (a multiple of the step that would cross
+        the margin were the logits linear), the steps per cell and the rounds of the search over lambda
+        (each halves lambda after a crossing, multiplies it by 10 after a failure).
+        ``uns[key_added]["cw_reached"]`` records the fraction of each group's cells that crossed.
     cw_space
-        ``"logits"`` (default) or ``"proba"``: whether the hinge of eq. 12-13 compares logits or softmax
-        outputs; see `scext.models.cw_perturbation` for why logits are the default.
+        ``"logits"`` or ``"proba"``: whether CW's hinge compares logits or softmax outputs (the paper's
+        literal equation).
     sg_n_samples, sg_noise_std
         Noisy copies per cell and the noise's standard deviation (standardised units) for SmoothGrad.
     ig_n_steps, ig_baseline
-        Riemann steps of eq. 9 and its baseline x': ``"zero"``, the zero vector of the standardised input
-        the classifier's layers see (which is the average training cell), or ``"unexpressed"``, every gene
-        at zero in the input matrix's units. On kratos_sim_140 the top-20 genes per cluster held 7.6 causal
-        / 5.8 noise genes from ``"zero"`` and 4.0 / 13.2 from ``"unexpressed"``.
+        Integration steps of Integrated Gradients and its baseline: ``"zero"``, the zero of the standardised
+        input (the average training cell), or ``"unexpressed"``, every gene at zero expression.
     batch_size
         Cells explained at once (memory scales with ``batch_size x genes``); results do not depend on it.
     device, random_state
@@ -114,24 +102,28 @@ def rank_genes_perturbation(
         Show a bar over groups; defaults to `scext.settings.progress_bar`.
     key_added
         Defaults to ``"<key>_<method>"``.
+    copy
+        Return a copy with the results instead of writing to `adata`.
 
     Returns
     -------
-    `None`, or the copy when ``copy=True``. Writes
+    `None`, or the copy when ``copy=True``. Writes:
 
     ``uns[key_added]``
-        Scanpy's rank_genes_groups layout: ``names``, ``scores`` (see `score`), ``signed_scores``
-        (mean signed attribution: positive means raising the gene supports the class for gradient methods,
-        for Integrated Gradients turned by the sign of the gene's distance from the baseline; for ``cw`` the
-        mean perturbation, negative where lowering the gene leaves the class),
-        ``logfoldchanges`` (Scanpy's formula, group vs reference, on ``adata.raw`` when the model reads ``X``
-        and ``.raw`` holds its genes, as Scanpy's default ``use_raw=None`` does, else on the model's input
-        matrix), ``pvals`` and ``pvals_adj`` (NaN: attributions give no test), ``params``, ``n_cells``
-        explained per group, and for ``cw`` ``cw_reached``: the fraction of those cells whose perturbation
-        crossed the margin.
-        ``sc.get.rank_genes_groups_df`` and ``sc.pl.rank_genes_groups_*`` take it via ``key=key_added``.
+        Scanpy's rank_genes_groups layout: ``names``, ``scores`` (see `score`), ``signed_scores`` (mean
+        signed attribution; for ``cw`` the mean perturbation, negative where lowering the gene leaves the
+        class), ``logfoldchanges`` (Scanpy's formula, on ``adata.raw`` when the model reads ``X`` and
+        ``.raw`` holds its genes, else on the model's input), ``pvals`` and ``pvals_adj`` (NaN: attributions
+        give no test), ``params``, ``n_cells`` explained per group and, for ``cw``, ``cw_reached``.
+        ``sc.get.rank_genes_groups_df`` and ``sc.pl.rank_genes_groups_*`` read it with ``key=key_added``.
     ``varm["<key_added>_scores"]``
         Genes x groups score matrix (NaN for genes the model does not read).
+
+    References
+    ----------
+    Zihan Zhou, Zijia Du and Somali Chaterji. KRATOS: Context-Aware Cell Type Classification and
+    Interpretation Using Joint Dimensionality Reduction and Clustering. KDD '22, ACM, 2022.
+    doi:10.1145/3534678.3539455
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; choose one of {METHODS}.")

@@ -61,36 +61,16 @@ def scdefer(
 ) -> AnnData | None:
     """Cluster cells from raw counts with scDEFER, a fused autoencoder / graph encoder with a ZINB decoder.
 
-    scDEFER (single-cell deep embedding fusion representation, paper 004) runs a fully connected encoder
-    and a TAGConv graph encoder side by side over a kNN cell graph, feeding every layer of both the same
-    mix ``a H_D + (1 - a) H_G`` (a = `fusion_weight`, the paper's alpha) of their previous outputs (eq.
-    1-6), fuses their latents into Z, and decodes Z into the parameters of a zero-inflated negative
-    binomial (eq. 7-15). It is pretrained on the ZINB likelihood of the counts and on the reconstruction
-    of the graph by ``sigmoid(Z Z^T)``; then K-means centres on Z start a joint training (eq. 21) that
-    adds KL(P || Q) on Z and the cross-entropy of Q^D, Q^G on Z_D, Z_G against their sharpened targets
-    (eq. 16-20). Clusters are the argmax of Q. No label is ever read. The trained model
-    (`scext.models.Scdefer`) is kept in ``uns[key_added]["model"]``; `scext.tl.scdefer_predict` places
-    new cells with it.
+    scDEFER runs a fully connected encoder and a TAGConv graph encoder side by side over a kNN cell graph,
+    feeding every layer of both the same mix of their previous outputs (weighted by `fusion_weight`), fuses
+    their latents into Z, and decodes Z into the parameters of a zero-inflated negative binomial. It is
+    pretrained on the ZINB likelihood of the counts and the reconstruction of the graph; then K-means
+    centres on Z start a joint training with DEC-style clustering losses. Clusters are the argmax of the
+    soft assignment Q. No label is read. `scext.tl.scdefer_predict` places new cells with the trained model.
 
-    Training is full-graph (one step per epoch) while the graph fits, with the cells x modelled genes
-    matrices (scaled input, counts) dense on the device. Beyond that (see `training`) it takes Cluster-GCN
-    minibatches: K-means cuts the cells, in the log-normalised space of the modelled genes that the graph
-    is built on, into parts of about ``batch_size / 4`` cells, and each step trains on 4 random parts
-    joined, with the edges among them renormalised. This approximates the full graph: edges to cells
-    outside the batch (the few between parts not drawn together) are dropped for that step, and the
-    global attention of the fusion and the random pairs of the graph loss stay within the batch. The
-    targets P are refreshed from Q of all cells (an inference pass); initial centres and outputs come
-    from passes over the parts, 4 at a time in a fixed order. The device then holds the model and one
-    batch (about ``batch_size`` x genes inputs and activations, an attention of batch_size^2 at worst)
-    besides the edge list; the host keeps the log-normalised input and the counts sparse when given sparse,
-    and z-scores a batch of rows at a time.
-
-    Deviations from the paper, with reasons: the joint-training learning rate is `lr` (1e-4), not 1e-7,
-    at which the loss terms barely move in 250 full-graph steps (its public code uses 1e-8); pretraining
-    uses 1e-4, not 5e-5, because with one full-graph step per epoch the ZINB loss is still falling after
-    250 steps at 5e-5. The graph loss (eq. 9) is the squared error on the edges and as many random pairs,
-    not on the N x N matrix. Latent layers are linear; the decoder's last hidden layer (1024) feeds the
-    ZINB heads directly. The Z_D / Z_G fusion follows DFCN, which the paper cites without equations.
+    Training is full-graph up to 50,000 cells and on Cluster-GCN minibatches beyond (see `training`). The
+    :doc:`scDEFER page </methods/scdefer>` gives the equations and where scext departs from the paper
+    (learning rates, graph loss, fusion).
 
     Parameters
     ----------
@@ -118,7 +98,7 @@ def scdefer(
     hidden_sizes, decoder_sizes
         Encoder widths (last = latent; the paper's 1024, 128, 24) and decoder hidden widths from Z.
     fusion_weight
-        Layer-wise fusion weight of the fully connected branch (eq. 4; the paper's alpha, 0.1). Formerly
+        Layer-wise fusion weight of the fully connected branch (the paper's alpha, 0.1). Formerly
         ``alpha``, which still works for one release with a `FutureWarning`.
     hops
         M, powers of the normalised adjacency in each TAGConv layer (eq. 3); the paper gives no value, 3 is
@@ -154,9 +134,7 @@ def scdefer(
         For scDEFER on CUDA, the scatter operations of the graph layers are what is not bit-reproducible.
     {progress_bar}
     {keep_model}
-        At the defaults (2,000 modelled genes) the scDEFER model takes about 110 MB: 69 MB of weights
-        (17.2 million parameters) and up to `max_reference_cells` training cells' input (41 MB at 5,000
-        cells). `scext.models.Scdefer` describes what it holds.
+        At the defaults the scDEFER model takes about 110 MB (`scext.models.Scdefer`).
     max_reference_cells
         Training cells the model keeps to place new cells (all of them when there are at most this many,
         else a sample seeded by `random_state`); see `scext.models.Scdefer`.
@@ -185,6 +163,12 @@ def scdefer(
         ``history`` (per epoch: ``pretrain_loss``, ``pretrain_graph``, ``pretrain_zinb``, then ``loss``,
         ``graph``, ``zinb``, ``kl``, ``bce_d``, ``bce_g`` of joint training), ``n_clusters``, ``beta`` (the
         learned weight of the global fusion term) and, with `keep_model`, ``model``.
+
+    References
+    ----------
+    Yue Cheng, Yanchi Su, Zhuohan Yu, Yanchun Liang, Ka-Chun Wong and Xiangtao Li. Unsupervised Deep
+    Embedded Fusion Representation of Single-Cell Transcriptomics. Proceedings of the AAAI Conference on
+    Artificial Intelligence (AAAI-24), 2024.
     """
     arguments = dict(locals())
     start = logg.info("training scDEFER")
