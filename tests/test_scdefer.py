@@ -12,7 +12,15 @@ from test_kratos import assert_untouched, snapshot
 import scext
 from scext._utils._graph import knn_graph
 from scext.models import Scdefer
-from scext.models._scdefer import target_distribution, zinb_nll
+from scext.models._scdefer import (
+    DISPERSION_RANGE,
+    MEAN_RANGE,
+    ScdeferNet,
+    adam,
+    bounded_exp,
+    target_distribution,
+    zinb_nll,
+)
 
 SMALL = {
     "hidden_sizes": (64, 32, 8),
@@ -218,11 +226,6 @@ BAD_INPUTS = {
         {},
         "filter_cells",
     ),
-    "zero_gene": (
-        lambda a: _with_x(a, sp.csr_matrix(np.hstack([np.zeros((a.n_obs, 1)), a.X.toarray()[:, 1:]]))),
-        {},
-        "filter_genes",
-    ),
     "one_cluster": (lambda a: a.copy(), {"n_clusters": 1}, "n_clusters"),
     "float_clusters": (lambda a: a.copy(), {"n_clusters": 2.5}, "n_clusters"),
     "bool_clusters": (lambda a: a.copy(), {"n_clusters": True}, "n_clusters"),
@@ -246,6 +249,97 @@ def test_bad_input_raises_before_work_and_leaves_adata_untouched(toy, case):
     with pytest.raises((ValueError, KeyError), match=message):
         scext.tl.scdefer(adata, **{**TINY, **arguments})
     assert_untouched(adata, before)
+
+
+def _with_genes_without_counts(adata, positions=(0, 40, 80)):
+    """`adata` with all-zero genes ``"empty_<position>"`` inserted before these positions of its genes."""
+    X = np.insert(adata.X.toarray(), positions, 0, axis=1)
+    names = np.insert(adata.var_names.to_numpy(dtype=object), positions, [f"empty_{p}" for p in positions])
+    padded = ad.AnnData(sp.csr_matrix(X), obs=adata.obs.copy())
+    padded.var_names = names.astype(str)
+    return padded
+
+
+@pytest.mark.parametrize("n_top_genes", [None, 60])
+def test_genes_without_counts_are_left_out_and_flagged(toy, n_top_genes):
+    """The paper's preprocessing drops genes without counts first: they change nothing but the flags."""
+    padded = _with_genes_without_counts(toy)
+    empty = padded.var_names.str.startswith("empty_")
+    plain = toy.copy()
+    arguments = {**TINY, "n_top_genes": n_top_genes, "random_state": 1}
+    scext.tl.scdefer(padded, 3, **arguments)
+    scext.tl.scdefer(plain, 3, **arguments)
+    modelled = padded.var["scdefer_modelled"].to_numpy()
+    assert modelled.dtype == bool and not modelled[empty].any()
+    np.testing.assert_array_equal(modelled[~empty], plain.var["scdefer_modelled"].to_numpy())
+    params = padded.uns["scdefer"]["params"]
+    assert (
+        params["n_genes_without_counts"] == 3
+        and plain.uns["scdefer"]["params"]["n_genes_without_counts"] == 0
+    )
+    assert params["n_genes"] == (80 if n_top_genes is None else 60)
+    assert list(Scdefer.from_adata(padded).var_names) == list(Scdefer.from_adata(plain).var_names)
+    for key in ("X_scdefer", "scdefer_proba"):
+        np.testing.assert_array_equal(padded.obsm[key], plain.obsm[key])
+    denoised = padded.layers["scdefer_denoised"]
+    assert np.isnan(denoised[:, empty]).all()
+    np.testing.assert_array_equal(denoised[:, ~empty], plain.layers["scdefer_denoised"])
+
+
+def test_var_highly_variable_flagging_only_genes_without_counts_is_refused(toy):
+    adata = _with_genes_without_counts(toy)
+    adata.var["highly_variable"] = adata.var_names.str.startswith("empty_")
+    before = snapshot(adata)
+    with pytest.raises(ValueError, match="only genes without counts"):
+        scext.tl.scdefer(adata, 3, **{**TINY, "n_top_genes": None})
+    assert_untouched(adata, before)
+
+
+def test_denoised_layer_is_the_zinb_mean(trained):
+    """``layers["scdefer_denoised"]`` is (1 - pi) mu of the trained decoder at each cell's Z and size factor."""
+    model = Scdefer.from_adata(trained)
+    totals = np.asarray(trained.X.sum(axis=1), dtype=np.float64).ravel()
+    size_factors = torch.from_numpy((totals / np.median(totals)).astype(np.float32))
+    with torch.no_grad():
+        pi, mean, _ = model.net.decode(torch.from_numpy(trained.obsm["X_scdefer"]), size_factors)
+    expected, mean = ((1 - pi) * mean).numpy(), mean.numpy()
+    columns = trained.var_names.get_indexer(model.var_names)
+    denoised = trained.layers["scdefer_denoised"][:, columns]
+    np.testing.assert_allclose(denoised, expected, rtol=1e-4, atol=1e-6)
+    # the dropout probability is not negligible: the NB mean alone would overstate every entry
+    assert (denoised < mean).all() and np.median(denoised / mean) < 0.99
+
+
+def test_bounded_means_and_dispersions_keep_their_gradient():
+    """The ZINB heads are clamped in value, but a head driven past a bound is still pulled back by the loss."""
+    logits = torch.tensor([-40.0, -3.0, 0.0, 5.0, 40.0], requires_grad=True)
+    value = bounded_exp(logits, *MEAN_RANGE)
+    np.testing.assert_allclose(value.detach(), torch.exp(logits.detach()).clamp(*MEAN_RANGE), rtol=1e-6)
+    value.sum().backward()
+    np.testing.assert_allclose(logits.grad, value.detach(), rtol=1e-6)
+
+    torch.manual_seed(0)
+    net = ScdeferNet(6, hidden_sizes=(8, 4), decoder_sizes=(8,), n_clusters=2)
+    with torch.no_grad():  # means of genes 0-1 far above the bound, 2-3 below; dispersions out of range
+        net.mean.bias[:2], net.mean.bias[2:4] = 40.0, -40.0
+        net.dispersion.bias[:2], net.dispersion.bias[2:4] = 40.0, -40.0
+    z, size_factors = torch.randn(5, 4), torch.ones(5)
+    pi, mean, theta = net.decode(z, size_factors)
+    assert torch.equal(mean[:, :2], torch.full((5, 2), MEAN_RANGE[1]))
+    assert torch.allclose(mean[:, 2:4], torch.full((5, 2), MEAN_RANGE[0]))
+    assert torch.allclose(theta[:, :2], torch.full((5, 2), DISPERSION_RANGE[1]))
+    counts = torch.full((5, 6), 3.0)
+    zinb_nll(counts, pi, mean, theta).backward()
+    for head in (net.mean, net.dispersion):
+        gradient = head.bias.grad
+        assert torch.isfinite(gradient).all() and (gradient[:4] != 0).all()
+    # the gradient pulls the means towards the counts: down from 1e6, up from 1e-5
+    assert (net.mean.bias.grad[:2] > 0).all() and (net.mean.bias.grad[2:4] < 0).all()
+
+
+def test_adam_uses_torchs_fused_kernel_on_the_cpu():
+    parameters = [torch.nn.Parameter(torch.zeros(3))]
+    assert adam(parameters, 1e-3, torch.device("cpu")).defaults["fused"] is True
 
 
 def test_allow_noninteger_proceeds_on_corrected_counts(toy):

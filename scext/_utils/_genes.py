@@ -51,12 +51,13 @@ def is_counts(matrix) -> bool:
 
 def check_counts(
     matrix, source: str, tool: str, *, allow_noninteger: bool = False, genes: bool = False
-) -> None:
-    """Raw counts only, for count models: no negative values, whole numbers (unless `allow_noninteger`),
-    counts in every cell (a size factor divides by its total) and, with `genes`, in every gene.
+) -> np.ndarray | None:
+    """Raw counts only, for count models: no negative values, whole numbers (unless `allow_noninteger`)
+    and counts in every cell (a size factor divides by its total).
 
     Streamed in row blocks, so a backed matrix is never loaded whole; raises a `ValueError` naming `source`
-    and the fix.
+    and the fix. With `genes`, also returns which genes have counts in some cell (bool per column), from
+    the same pass, for a tool that leaves the others out; else None.
     """
     low, whole = np.inf, True
     empty_cells = 0
@@ -85,8 +86,4 @@ def check_counts(
             f"{empty_cells} cell(s) of {source} have no counts; their size factor is 0. "
             "Remove them first: sc.pp.filter_cells(adata, min_counts=1)."
         )
-    if genes and (gene_totals == 0).any():
-        raise ValueError(
-            f"{int((gene_totals == 0).sum())} gene(s) of {source} have no counts in any cell. Remove them "
-            "first: sc.pp.filter_genes(adata, min_counts=1)."
-        )
+    return gene_totals > 0 if genes else None

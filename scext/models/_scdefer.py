@@ -31,10 +31,30 @@ from ._edges import edge_logits, sample_pairs
 from ._kmeans import kmeans, student_t
 from ._reference import MAX_REFERENCE_CELLS, ReferenceCells
 
-# keep exp() of the ZINB heads finite in float32 (the DCA / scTAG clipping)
+# keep exp() of the ZINB heads finite in float32 (the DCA / scTAG clipping; `bounded_exp`)
 MEAN_RANGE = (1e-5, 1e6)
 DISPERSION_RANGE = (1e-4, 1e4)
 EPS = 1e-10
+
+
+def bounded_exp(logits: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``exp(logits)`` clamped to [`low`, `high`], with the gradient of ``exp`` at the clamped value.
+
+    The value is exactly the DCA / scTAG clipping ``exp(logits).clamp(low, high)`` (the logarithm is
+    clamped first, so ``exp`` cannot overflow). A plain clamp passes no gradient where it binds, so a head
+    whose output left the range could never be pulled back by the loss; this clamp is straight-through:
+    the gradient with respect to `logits` is the output itself (``d exp(u) / du``), everywhere.
+    """
+    value = torch.exp(logits.detach().clamp(float(np.log(low)), float(np.log(high)))).clamp(low, high)
+    return value + value * (logits - logits.detach())
+
+
+def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with torch's fused kernel where it has one for `device` (CPU, CUDA), else the multi-tensor
+    (``foreach``) one: the same update as the default single-tensor loop, one kernel over all weights."""
+    if torch.device(device).type in ("cpu", "cuda"):
+        return torch.optim.Adam(parameters, lr=lr, fused=True)
+    return torch.optim.Adam(parameters, lr=lr, foreach=True)
 
 
 class ScdeferNet(nn.Module):
@@ -139,12 +159,21 @@ class ScdeferNet(nn.Module):
         return z_local + self.beta * z_global, h_d, h_g
 
     def decode(self, z: torch.Tensor, size_factors: torch.Tensor):
-        """ZINB parameters (eq. 10-12): dropout pi, mean mu (times each cell's size factor), dispersion."""
+        """ZINB parameters (eq. 10-12): dropout pi, mean mu (times each cell's size factor), dispersion.
+
+        mu and theta are bounded to `MEAN_RANGE` and `DISPERSION_RANGE` by `bounded_exp`, which keeps
+        their gradient where the bound binds.
+        """
         hidden = self.decoder(z)
         pi = torch.sigmoid(self.pi(hidden))
-        mean = torch.exp(self.mean(hidden)).clamp(*MEAN_RANGE) * size_factors[:, None]
-        theta = torch.exp(self.dispersion(hidden)).clamp(*DISPERSION_RANGE)
+        mean = bounded_exp(self.mean(hidden), *MEAN_RANGE) * size_factors[:, None]
+        theta = bounded_exp(self.dispersion(hidden), *DISPERSION_RANGE)
         return pi, mean, theta
+
+    def denoise(self, z: torch.Tensor, size_factors: torch.Tensor) -> torch.Tensor:
+        """The ZINB mean ``(1 - pi) mu`` (with each cell's size factor): the expected count of each gene."""
+        pi, mean, _ = self.decode(z, size_factors)
+        return (1 - pi) * mean
 
     @torch.no_grad()
     def set_centers(self, centers: torch.Tensor) -> None:
@@ -462,7 +491,7 @@ class Scdefer(Model):
             ``"kmeans"`` or ``"spectral"`` on the pretrained Z with ``n_clusters`` centres, or
             ``"leiden"``: K and centres from Leiden clusters of the pretrained Z.
         denoised
-            Also return the ZINB means of the training cells (with ZINB only).
+            Also return the ZINB means ``(1 - pi) mu`` of the training cells (with ZINB only).
         training, batch_size
             ``"full"`` graph, or Cluster-GCN ``"minibatch"`` of about `batch_size` cells.
         generator
@@ -470,8 +499,8 @@ class Scdefer(Model):
             the weights and the random pairs of the graph loss).
 
         The other arguments are those of `scext.tl.scdefer`. Returns the history and the training cells'
-        Z, Q, clusters and (optionally) ZINB means; the model keeps the centres, the clusters the training
-        cells occupy (`categories`) and the reference cells.
+        Z, Q, clusters and (optionally) ZINB means ``(1 - pi) mu``; the model keeps the centres, the
+        clusters the training cells occupy (`categories`) and the reference cells.
         """
         device = resolve_device(device)
         if center_init not in (*CENTER_INITS, "leiden"):
@@ -522,7 +551,7 @@ class Scdefer(Model):
         if n_pretrain_epochs:
             pretrained = train_loop(
                 net,
-                torch.optim.Adam(net.parameters(), lr=pretrain_lr),
+                adam(net.parameters(), pretrain_lr, device),
                 step=pretrain_step,
                 batches=cells.training_batches,
                 n_epochs=n_pretrain_epochs,
@@ -581,7 +610,7 @@ class Scdefer(Model):
         if n_epochs:
             joint = train_loop(
                 net,
-                torch.optim.Adam(net.parameters(), lr=lr),
+                adam(net.parameters(), lr, device),
                 step=joint_step,
                 batches=joint_batches,
                 n_epochs=n_epochs,
@@ -594,7 +623,7 @@ class Scdefer(Model):
         def outputs(batch):
             z, z_d, z_g = encode(batch)
             q = soft_assignments(net, z, z_d, z_g)[0]
-            return (z, q, net.decode(z, batch[2])[1]) if zinb and denoised else (z, q)
+            return (z, q, net.denoise(z, batch[2])) if zinb and denoised else (z, q)
 
         results = [value.numpy() for value in cells.map(outputs, CPU)]
         embedding, proba = results[:2]

@@ -75,7 +75,9 @@ def scdefer(
     Parameters
     ----------
     adata
-        Cells x genes of raw counts (non-negative integers).
+        Cells x genes of raw counts (non-negative integers). Genes without counts in any cell are left
+        out, as the paper's preprocessing does (flagged ``False`` in ``var["<key_added>_modelled"]``);
+        a cell without counts has no size factor and is refused.
     n_clusters
         K. ``None`` takes the number of Leiden clusters (resolution 1, unweighted 15-NN graph) of the
         pretrained Z and starts the centres at their means, instead of K-means.
@@ -86,9 +88,10 @@ def scdefer(
         corrected); the ZINB likelihood is then evaluated at non-integer points. Negative values are never
         accepted.
     n_top_genes
-        Genes modelled: this many highly variable genes (Scanpy's ``seurat`` flavour on a normalised,
-        log1p copy; all genes when there are no more). ``None``: the genes ``var["highly_variable"]``
-        flags when that column exists, else all.
+        Genes modelled, among the genes with counts: this many highly variable genes (Scanpy's ``seurat``
+        flavour on a normalised, log1p copy; all of them when there are no more). ``None``: the genes
+        ``var["highly_variable"]`` flags (those with counts) when that column exists, else all genes with
+        counts.
     neighbors_key
         Use the edges of an existing ``sc.pp.neighbors`` graph instead of building a kNN graph on the
         log-normalised expression of the modelled genes.
@@ -107,8 +110,8 @@ def scdefer(
         ``False`` drops the ZINB decoder and its loss (the paper's "without ZINB" ablation); no denoised
         layer is written then.
     denoised
-        Write the ZINB means as ``layers["<key_added>_denoised"]``: a dense cells x genes float32 array
-        (8 GB at a million cells x 2,000 genes), so turn it off for large data.
+        Write the ZINB means ``(1 - pi) mu`` as ``layers["<key_added>_denoised"]``: a dense cells x genes
+        float32 array (8 GB at a million cells x 2,000 genes), so turn it off for large data.
     gammas
         Weights of the graph, ZINB, KL and cross-entropy terms (eq. 21; the paper's 0.3, 0.1, 0.5, 0.1). The
         first two also weigh pretraining.
@@ -153,13 +156,14 @@ def scdefer(
     ``obsm["<key_added>_proba"]``
         Q (eq. 16): soft assignment of every cell to each of the K centres.
     ``layers["<key_added>_denoised"]``
-        ZINB mean mu of every modelled gene, on each cell's count scale (size factor included); NaN for
-        genes not modelled. Not written with ``zinb=False`` or ``denoised=False``.
+        ZINB mean ``(1 - pi) mu`` of every modelled gene, on each cell's count scale (size factor
+        included); NaN for genes not modelled. Not written with ``zinb=False`` or ``denoised=False``.
     ``var["<key_added>_modelled"]``
-        Whether a gene was modelled (a highly variable gene).
+        Whether a gene was modelled: it has counts and was selected (a highly variable gene).
     ``uns[key_added]``
         ``params`` (every argument, then the resolved ``n_clusters`` and ``center_init``, device and
-        training mode, ``input``, ``n_genes``, ``graph_source``, ``n_edges``, ``n_parts``, scext version),
+        training mode, ``input``, ``n_genes``, ``n_genes_without_counts``, ``graph_source``, ``n_edges``,
+        ``n_parts``, scext version),
         ``history`` (per epoch: ``pretrain_loss``, ``pretrain_graph``, ``pretrain_zinb``, then ``loss``,
         ``graph``, ``zinb``, ``kl``, ``bce_d``, ``bce_g`` of joint training), ``n_clusters``, ``beta`` (the
         learned weight of the global fusion term) and, with `keep_model`, ``model``.
@@ -213,7 +217,11 @@ def scdefer(
     source = matrix_source(layer, use_raw)
     n_cells, n_genes = matrix.shape
     mode = graph_training_mode(training, n_cells)
-    check_counts(matrix, source, "scdefer", allow_noninteger=allow_noninteger, genes=True)
+    # genes without counts carry no information and are left out before anything else, as in the paper's
+    # preprocessing; a cell without counts has no size factor and is refused (as by CICL)
+    with_counts = np.flatnonzero(
+        check_counts(matrix, source, "scdefer", allow_noninteger=allow_noninteger, genes=True)
+    )
     if n_clusters is not None and n_clusters >= n_cells:
         raise ValueError(f"n_clusters={n_clusters} must be below the number of cells ({n_cells}).")
     if neighbors_key is None and not 1 <= n_neighbors < n_cells:
@@ -228,26 +236,45 @@ def scdefer(
             f"n_top_genes must be an int of at least 2, or None for all genes; got {n_top_genes!r}."
         )
     cell_graph = neighbors_graph(adata, neighbors_key) if neighbors_key is not None else None
+    flagged = highly_variable_column(adata, use_raw) if n_top_genes is None else None
+    if flagged is not None:
+        flagged = np.intersect1d(flagged, with_counts)
+        if len(flagged) == 0:
+            raise ValueError(
+                "var['highly_variable'] flags only genes without counts; pass n_top_genes instead."
+            )
 
     import scanpy as sc
 
     totals = np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
     size_factors = (totals / np.median(totals)).astype(np.float32)
-    work = AnnData(sp.csr_matrix(matrix, dtype=np.float32, copy=True))
+    # the genes left out hold only zeros: the cells' totals, the normalisation and its target are the same
+    # with or without them
+    work = sp.csr_matrix(matrix, dtype=np.float32, copy=len(with_counts) == n_genes)
+    work = AnnData(work if len(with_counts) == n_genes else work[:, with_counts])
     # the target sc.pp.normalize_total takes below: the median of the float32 totals (kept for new cells)
     normalization_target = float(
         np.median(np.asarray(work.X.sum(axis=1, dtype=np.float64)).ravel().astype(np.float32))
     )
     sc.pp.normalize_total(work)
     sc.pp.log1p(work)
-    if n_top_genes is None:
-        genes = highly_variable_column(adata, use_raw)
-        genes = np.arange(n_genes) if genes is None else genes
+    # positions among the genes with counts (the columns of work), then among all genes of the matrix
+    if flagged is not None:
+        selected = np.searchsorted(with_counts, flagged)
+    elif n_top_genes is None:
+        selected = np.arange(len(with_counts))
     else:
-        genes = highly_variable_genes(work.X, n_top_genes)
+        selected = highly_variable_genes(work.X, n_top_genes)
+    genes = with_counts[selected]
     # kept sparse: the z-scoring (sc.pp.scale's, clipped at 10) is applied a minibatch of rows at a time
-    log_expression = work.X if len(genes) == n_genes else work.X[:, genes]
+    log_expression = work.X if len(selected) == work.n_vars else work.X[:, selected]
     del work
+    n_without_counts = n_genes - len(with_counts)
+    logg.info(
+        f"    modelling {len(genes)} of {n_genes} genes"
+        + (f"; {n_without_counts} gene(s) without counts in {source} left out" if n_without_counts else "")
+        + f" (var['{key_added}_modelled'])"
+    )
     if cell_graph is None:
         cell_graph = knn_graph(
             dense_columns(log_expression, np.arange(len(genes))), n_neighbors, random_state=random_state
@@ -323,6 +350,7 @@ def scdefer(
             gammas=gammas,
             input=source,
             n_genes=len(genes),
+            n_genes_without_counts=n_without_counts,
             graph_source=graph_source,
             n_edges=int(cell_graph.nnz),
             training=mode,
