@@ -10,8 +10,10 @@ own clusters) and nothing else from the labels: `obs["cell_type"]` is read only 
 - ``cicl``: ``scext.tl.cicl(adata, n_clusters=K, random_state=seed)`` on the matrix as stored (counts, RPKM,
   or log-normalised values: CICL's ``preprocess="auto"`` decides).
 - ``cellvgae``: ``scext.tl.cellvgae(adata, random_state=seed)`` on log-normalised values (count and
-  abundance matrices get ``normalize_total`` + ``log1p`` first) with 2,000 highly variable genes flagged,
-  as in its README example; the normalisation is inside the timed call.
+  abundance matrices get ``normalize_total`` + ``log1p`` first, inside the timed call): its own clusters,
+  without K. Its bar is Scanpy's Leiden at resolution 1 of the same run. The row ``cellvgae K`` reads the
+  same run's mu with the tool's K-means path (``_cluster(..., n_clusters=K)``, exactly what
+  ``n_clusters=K`` returns from the same training); its bar is the README's best at the true K.
 - ``scdefer``: ``scext.tl.scdefer(adata, n_clusters=K, random_state=seed)`` on raw counts; data sets without
   counts are skipped (reported as such).
 
@@ -27,6 +29,9 @@ on the first optimizer of a process. CICL rows also give the training's FLOP rat
 counted by ``torch.utils.flop_counter``, times the steps taken, over the seconds `Cicl.fit` took.
 Peak memory is the rise of the process's peak resident set (``VmHWM``, reset before each call) over the
 resident set before the call.
+
+"≥ bar" says whether a tool's mean ARI reaches its bar: the README's best at the true K for the tools given
+K (``cicl``, ``scdefer``, ``cellvgae K``), Scanpy's Leiden at resolution 1 of the same run for ``cellvgae``.
 
 Writes ``--out`` (one row per data set and method: mean and standard deviation over the seeds), the same
 table as Markdown next to it (``.md``), and every single run in ``<out>_runs.csv``.
@@ -220,14 +225,15 @@ def run_tool(tool: str, adata, n_clusters: int, seed: int, device: str):
             Cicl.fit = fit
         return result.obs["cicl"], {"fit_seconds": fit_seconds[0], "result": result}
     if tool == "cellvgae":
+        from scext.tl._cellvgae import _cluster
+
         work = adata.copy()
         if not is_log_normalised(work):
             sc.pp.normalize_total(work)
             sc.pp.log1p(work)
-        if work.n_vars > 2000:
-            sc.pp.highly_variable_genes(work, n_top_genes=2000)
         result = scext.tl.cellvgae(work, **common)
-        return result.obs["cellvgae"], {}
+        k_labels = _cluster(result.obsm["X_cellvgae"], None, None, 1.0, seed, n_clusters=n_clusters)
+        return result.obs["cellvgae"], {"k_labels": np.asarray(k_labels)}
     if tool == "scdefer":
         result = scext.tl.scdefer(adata, n_clusters=n_clusters, **common)
         return result.obs["scdefer"], {}
@@ -275,7 +281,14 @@ def summarise(runs: pd.DataFrame, scanpy_seconds: dict[str, float]) -> pd.DataFr
         if name in README_TRUE_K:
             best = max(README_TRUE_K[name])
             row["readme_best_true_k"] = best
-            row["beats_readme_best"] = bool(row["ari_mean"] >= best) if method in TOOLS else ""
+            if method == "cellvgae":
+                # clusters without K: the bar is Scanpy's Leiden at resolution 1, same run and seeds
+                leiden = runs[(runs["dataset"] == name) & (runs["method"] == BASELINES[0])]["ari"].mean()
+                row["beats_readme_best"] = bool(row["ari_mean"] >= leiden)
+            elif method in TOOLS or method.endswith(" K"):
+                row["beats_readme_best"] = bool(row["ari_mean"] >= best)
+            else:
+                row["beats_readme_best"] = ""
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -285,7 +298,7 @@ def markdown(summary: pd.DataFrame, caption: str) -> str:
         caption,
         "",
         "| data set | method | ARI mean ± sd | NMI mean ± sd | clusters | seconds | x Scanpy | peak MB "
-        "| train GFLOP/s | README best (true K) | ≥ best |",
+        "| train GFLOP/s | README best (true K) | ≥ bar |",
         "|---|---|---|---|--:|--:|--:|--:|--:|--:|:-:|",
     ]
     for _, r in summary.iterrows():
@@ -371,6 +384,17 @@ def main() -> None:
                     row["fit_seconds"] = extra["fit_seconds"]
                     row["gflop_per_s"] = flops / extra["fit_seconds"] / 1e9
                 runs.append(row)
+                if "k_labels" in extra:
+                    runs.append(
+                        {
+                            "dataset": name,
+                            "method": f"{tool} K",
+                            "seed": seed,
+                            **scores(adata.obs["cell_type"], extra["k_labels"]),
+                            "clusters": n_clusters,
+                        }
+                    )
+                    print(f"{name} {tool} K seed {seed}: ARI {runs[-1]['ari']:.3f}", flush=True)
                 print(
                     f"{name} {tool} seed {seed}: ARI {row['ari']:.3f} NMI {row['nmi']:.3f} "
                     f"{seconds:.1f} s (Scanpy {scanpy_now:.2f} s just before)",

@@ -202,6 +202,43 @@ def test_every_loss_term_moves(toy, options, terms):
         assert abs(values[-1] - values[0]) > 1e-3 * max(abs(values[0]), 1e-3), term
 
 
+def test_n_clusters_gives_exactly_k_clusters_and_no_noise(toy):
+    adata = toy.copy()
+    scext.tl.cellvgae(adata, n_clusters=4, **SMALL)
+    labels = adata.obs["cellvgae"]
+    assert list(labels.cat.categories) == ["0", "1", "2", "3"] and labels.value_counts().min() > 0
+    assert adata.uns["cellvgae"]["n_clusters"] == 4 and adata.uns["cellvgae"]["n_noise"] == 0
+    assert adata.uns["cellvgae"]["params"]["n_clusters"] == 4
+    # K = the planted types: K-means on mu finds them
+    three = toy.copy()
+    scext.tl.cellvgae(three, n_clusters=3, **SMALL)
+    assert adjusted_rand_score(three.obs["cell_type"], three.obs["cellvgae"]) > 0.9
+
+
+def test_clusters_do_not_depend_on_the_thread_count(toy):
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            adata = toy.copy()
+            scext.tl.cellvgae(adata, **SMALL)
+            runs.append(adata.obs["cellvgae"].to_numpy())
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_too_few_cells_for_hdbscan_warn_with_the_way_out(toy):
+    adata = toy[:30].copy()
+    with pytest.warns(UserWarning, match="n_clusters=K"):
+        scext.tl.cellvgae(adata, **{**SMALL, "n_epochs": 5})
+    assert adata.uns["cellvgae"]["n_noise"] == 30
+    # the way out works on the same cells
+    scext.tl.cellvgae(adata, n_clusters=3, **{**SMALL, "n_epochs": 5})
+    assert adata.obs["cellvgae"].nunique() == 3
+
+
 def test_same_seed_same_result(toy):
     runs = []
     for seed in (3, 3, 4):
@@ -273,13 +310,18 @@ def test_h5ad_round_trip_and_plots(trained, tmp_path):
         ("nan", {}, ValueError, "NaN"),
         (None, {"conv": "sage"}, ValueError, "conv"),
         (None, {"attention_layer": 4}, ValueError, "attention_layer"),
-        (None, {"n_top_genes": 1000}, ValueError, "n_top_genes"),
+        (None, {"n_top_genes": 0}, ValueError, "n_top_genes"),
+        (None, {"n_clusters": 1}, ValueError, "n_clusters"),
+        ("counts", {"n_top_genes": 30}, ValueError, "raw counts"),
+        ("tiny", {"n_clusters": 6, "n_neighbors": 2}, ValueError, "n_clusters"),
         (None, {"training": "partial"}, ValueError, "training"),
         (None, {"batch_size": 0}, ValueError, "batch_size"),
     ],
 )
 def test_bad_input_leaves_adata_untouched(toy, change, arguments, error, message):
     adata = toy[:5].copy() if change == "tiny" else toy.copy()
+    if change == "counts":  # gene selection needs log-normalised values
+        adata = scext.datasets.synthetic_counts(n_cells=60, n_genes=60, n_types=3, random_state=0)
     if change == "nan":
         adata.X = adata.X.toarray()
         adata.X[0, 0] = np.nan

@@ -282,3 +282,10 @@ def test_pbmc68k_reduced_group_names_with_slashes_round_trip(tmp_path):
     assert "CD4+/CD25 T Reg" in result["names"].dtype.names
     assert result["n_cells"].dtype.names == result["names"].dtype.names
     sc.pl.rank_genes_groups_dotplot(reread, key="kratos_smoothgrad", n_genes=2, show=False)
+
+
+def test_warnings_name_the_callers_line_not_scexts_wrappers(trained_toy):
+    adata = trained_toy.copy()
+    with pytest.warns(UserWarning, match="cw_tradeoff") as record:
+        scext.tl.rank_genes_perturbation(adata, method="cw", cw_tradeoff=1e-3, cw_n_rounds=1, device="cpu")
+    assert {warning.filename for warning in record} == {__file__}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
+
+from ._warnings import warn
 
 
 def renamed_arguments(**old_to_new: str) -> Callable:
@@ -24,11 +25,10 @@ def renamed_arguments(**old_to_new: str) -> Callable:
                     raise TypeError(
                         f"{function.__name__}() got both {old!r} and its new name {new!r}; pass {new!r} only."
                     )
-                warnings.warn(
+                warn(
                     f"{function.__name__}(): {old!r} is renamed {new!r}; the old name stops working in the "
                     "next release.",
                     FutureWarning,
-                    stacklevel=2,
                 )
                 kwargs[new] = kwargs.pop(old)
             return function(*args, **kwargs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,8 +27,10 @@ from .._utils._contract import check_adata, check_int, check_ints, check_number,
 from .._utils._genes import highly_variable_column, highly_variable_genes
 from .._utils._graph import knn_graph, leiden_codes, neighbors_graph, undirected_edges
 from .._utils._random import preserves_global_rng
+from .._utils._warnings import warn
 from ..models._base import params_record
 from ..models._cellvgae import CONVOLUTIONS, REGULARIZERS, CellVGAE, default_regularizer_weight
+from ..models._kmeans import kmeans
 from ..models._reference import MAX_REFERENCE_CELLS
 from ..train._graph_batches import graph_training_mode
 from ._common import begin_prediction
@@ -50,7 +51,7 @@ def cellvgae(
     *,
     layer: str | None = None,
     use_raw: bool = False,
-    n_top_genes: int | None = None,
+    n_top_genes: int | None = 2000,
     neighbors_key: str | None = None,
     graph: str | sp.spmatrix | np.ndarray = "knn",
     n_neighbors: int = 5,
@@ -67,6 +68,7 @@ def cellvgae(
     lr: float = 1e-4,
     training: str = "auto",
     batch_size: int = 8192,
+    n_clusters: int | None = None,
     cluster_method: str | None = "hdbscan",
     min_cluster_size: int | None = None,
     resolution: float = 1.0,
@@ -97,8 +99,9 @@ def cellvgae(
         Cells x genes, log-normalised (``sc.pp.normalize_total`` + ``sc.pp.log1p``), as in the paper.
     {layer}
     n_top_genes
-        Node features: this many highly variable genes (Scanpy's ``seurat`` flavour on the input). ``None``
-        uses ``var["highly_variable"]`` when present, else every gene.
+        Node features: this many highly variable genes of the input (Scanpy's ``seurat`` flavour; every gene
+        when there are fewer), as in the paper, which uses highly variable genes (2,000 here: see the
+        method page). ``None`` uses ``var["highly_variable"]`` when present, else every gene.
     neighbors_key
         Use the edges of an existing ``sc.pp.neighbors`` graph (its ``key_added``; ``"neighbors"`` for the
         default) instead of building one. The edges are its neighbour pairs, unweighted.
@@ -138,8 +141,12 @@ def cellvgae(
         `batch_size`, not the number of cells (an approximation: edges between parts not drawn together are
         left out of that step). Inference is always exact on the whole graph. ``"auto"``: full-graph up to
         50,000 cells. See :doc:`/large_data`.
+    n_clusters
+        When you know how many cell types to expect: K-means with this K on mu (10 k-means++ seedings, the
+        run of lowest inertia; `scext.models.kmeans`), exactly `n_clusters` clusters and no noise label.
+        ``None``: clusters are found by `cluster_method`.
     cluster_method
-        ``"hdbscan"`` (scikit-learn's, on a 2-D UMAP of mu with ``n_neighbors=30, min_dist=0``) or
+        Used when `n_clusters` is None: ``"hdbscan"`` (scikit-learn's, on a 2-D UMAP of mu with ``n_neighbors=30, min_dist=0``) or
         ``"leiden"`` (on a 15-nearest-neighbour graph of mu). ``None`` skips clustering, which can take
         longer than training on an atlas; cluster afterwards with ``sc.pp.neighbors(adata,
         use_rep="X_cellvgae")`` and ``sc.tl.leiden``. The model of an unclustered run embeds new cells but
@@ -200,11 +207,10 @@ def cellvgae(
     arguments = dict(locals())
     start = logg.info("training CellVGAE")
     if latent_size is not None:
-        warnings.warn(
+        warn(
             "cellvgae(): 'latent_size' is deprecated and stops working in the next release; give the latent "
             "size as the last entry of hidden_sizes (e.g. hidden_sizes=(128, 128, 50)).",
             FutureWarning,
-            stacklevel=3,
         )
         hidden = _OLD_DEFAULT_HIDDEN if hidden_sizes is _DEFAULT_HIDDEN else tuple(hidden_sizes)
         hidden_sizes = (*hidden, latent_size)
@@ -221,6 +227,7 @@ def cellvgae(
     check_int(n_neighbors, "n_neighbors")
     check_int(n_marker_genes, "n_marker_genes")
     check_int(min_cluster_size, "min_cluster_size", minimum=2, allow_none=True)
+    check_int(n_clusters, "n_clusters", minimum=2, allow_none=True)
     check_int(n_top_genes, "n_top_genes", allow_none=True)
     check_int(graph_n_top_genes, "graph_n_top_genes", allow_none=True)
     check_number(lr, "lr", low=0, open_low=True)
@@ -242,6 +249,8 @@ def cellvgae(
             f"n_neighbors={n_neighbors} needs at least {n_neighbors + 1} cells; adata has {n_cells}. "
             "Lower n_neighbors."
         )
+    if n_clusters is not None and n_clusters > n_cells:
+        raise ValueError(f"n_clusters={n_clusters} is more than the {n_cells} cells.")
     graph_training_mode(training, n_cells)  # validates `training` before any work
     n_graph_layers = len(hidden_sizes)
     if conv != "gcn" and not 1 <= attention_layer <= n_graph_layers:
@@ -323,8 +332,8 @@ def cellvgae(
 
     gene_loadings, is_feature = _loadings_per_var(adata.var_names, feature_names, loadings)
     labels, clustering = None, {}
-    if cluster_method is not None:
-        labels = _cluster(embedding, cluster_method, min_cluster_size, resolution, random_state)
+    if n_clusters is not None or cluster_method is not None:
+        labels = _cluster(embedding, cluster_method, min_cluster_size, resolution, random_state, n_clusters)
         model.set_clusters(labels)
         clustering = {
             "n_clusters": int(len(labels.categories) - (NOISE in labels.categories)),
@@ -348,7 +357,7 @@ def cellvgae(
         training=fitted.mode,
         n_parts=fitted.n_parts,
         min_cluster_size=_min_cluster_size(min_cluster_size, n_cells)
-        if cluster_method == "hdbscan"
+        if cluster_method == "hdbscan" and n_clusters is None
         else None,
         n_reference_cells=model.reference.n_cells,
         device=torch_device,
@@ -566,14 +575,25 @@ def _gene_selection(
     if n_top_genes is None:
         selected = highly_variable_column(adata, use_raw)
         return np.arange(n_genes) if selected is None else selected
-    if not 1 <= n_top_genes <= n_genes:
-        raise ValueError(f"{argument}={n_top_genes} must be between 1 and the number of genes ({n_genes}).")
-    return highly_variable_genes(matrix, n_top_genes)
+    if n_top_genes < 1:
+        raise ValueError(f"{argument}={n_top_genes} must be at least 1.")
+    if n_top_genes < n_genes and _looks_like_counts(matrix):
+        # Scanpy's seurat flavour exponentiates its input: counts overflow it
+        raise ValueError(
+            f"{argument}={n_top_genes} selects highly variable genes of log-normalised expression, but the "
+            "input looks like raw counts. Run sc.pp.normalize_total and sc.pp.log1p first (as the paper "
+            f"does), or pass {argument}=None to use var['highly_variable'] or every gene."
+        )
+    return highly_variable_genes(matrix, n_top_genes)  # every gene when there are no more
+
+
+def _looks_like_counts(matrix) -> bool:
+    values = stored_values(matrix)[:100_000]
+    return bool(values.size and values.max() > 30 and is_integer_valued(values))
 
 
 def _warn_if_counts(matrix) -> None:
-    values = stored_values(matrix)[:100_000]
-    if values.size and values.max() > 30 and is_integer_valued(values):
+    if _looks_like_counts(matrix):
         logg.warning(
             "the input looks like raw counts; CellVGAE expects log-normalised expression "
             "(sc.pp.normalize_total, then sc.pp.log1p)."
@@ -584,9 +604,17 @@ def _min_cluster_size(min_cluster_size: int | None, n_cells: int) -> int:
     return max(10, n_cells // 100) if min_cluster_size is None else int(min_cluster_size)
 
 
-def _cluster(embedding, method, min_cluster_size, resolution, random_state) -> pd.Categorical:
+def _cluster(
+    embedding, method, min_cluster_size, resolution, random_state, n_clusters=None
+) -> pd.Categorical:
     n_cells = embedding.shape[0]
-    if method == "leiden":
+    if n_clusters is not None:
+        generator = torch.Generator().manual_seed(int(random_state))
+        _, codes = kmeans(
+            torch.from_numpy(np.ascontiguousarray(embedding)), n_clusters, n_init=10, generator=generator
+        )
+        codes = codes.numpy()
+    elif method == "leiden":
         codes = leiden_codes(embedding, resolution=resolution, random_state=random_state)
     else:
         import umap
@@ -599,10 +627,17 @@ def _cluster(embedding, method, min_cluster_size, resolution, random_state) -> p
             random_state=random_state,
             n_jobs=1,
         ).fit_transform(embedding)
+        smallest = _min_cluster_size(min_cluster_size, n_cells)
         # copy given: scikit-learn 1.9 warns that its default changes; 2 columns cost nothing to copy
-        codes = HDBSCAN(min_cluster_size=_min_cluster_size(min_cluster_size, n_cells), copy=True).fit_predict(
-            coordinates
-        )
+        codes = HDBSCAN(min_cluster_size=smallest, copy=True).fit_predict(coordinates)
+        if n_cells < 2 * smallest or (codes < 0).all():
+            warn(
+                f"HDBSCAN labelled {(codes < 0).sum()} of {n_cells} cells noise: with min_cluster_size="
+                f"{smallest}, {n_cells} cells leave room for {n_cells // smallest} cluster(s) at most. Pass "
+                "n_clusters=K if you know how many types to expect, cluster_method='leiden', or a smaller "
+                "min_cluster_size.",
+                UserWarning,
+            )
     names = [str(code) for code in range(codes.max() + 1)]
     if (codes < 0).any():
         names.append(NOISE)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import numpy as np
@@ -16,6 +15,7 @@ from .._settings import settings
 from .._utils import resolve_device, seed_everything
 from .._utils._contract import check_adata, check_int, check_number, claim_slots
 from .._utils._random import preserves_global_rng
+from .._utils._warnings import warn
 from ..models import Kratos
 from ..models._attribution import cw_hinge, cw_perturbation, integrated_gradients, smoothgrad
 from ..train import dense_rows
@@ -200,9 +200,7 @@ def rank_genes_perturbation(
     for group in tqdm(groups, desc=f"{method} per group", disable=not show, leave=False):
         rows = np.flatnonzero((labels == group) & (predicted == group))
         if len(rows) == 0:
-            warnings.warn(
-                f"No cell of class {group!r} is classified correctly; it gets no ranking.", stacklevel=2
-            )
+            warn(f"No cell of class {group!r} is classified correctly; it gets no ranking.")
             continue
         total = torch.zeros(matrix.shape[1], device=torch_device, dtype=torch.float64)
         total_abs = torch.zeros_like(total)
@@ -241,14 +239,13 @@ def rank_genes_perturbation(
     # a few rare groups that resist are normal; most groups never crossing means the search fell short
     stuck = {group: fraction for group, fraction in reached.items() if fraction < 0.1}
     if len(stuck) > len(reached) / 2:
-        warnings.warn(
+        warn(
             f"The CW perturbation took fewer than 10% of the cells across the margin in {len(stuck)} of "
             f"{len(reached)} groups ({', '.join(f'{g}: {f:.0%}' for g, f in list(stuck.items())[:5])}"
             f"{', ...' if len(stuck) > 5 else ''}); their rankings then follow the L1 step more than the "
             f"classifier. The search over lambda started at cw_tradeoff={cw_tradeoff} (in units of 1 / the "
             f"largest gradient of each cell's margin) and ran cw_n_rounds={cw_n_rounds} rounds; raise "
-            f"either (the default, 10, suits every data set tried); see uns[{key_added!r}]['cw_reached'].",
-            stacklevel=2,
+            f"either (the default, 10, suits every data set tried); see uns[{key_added!r}]['cw_reached']."
         )
 
     result = _rank_genes_groups_layout(
