@@ -33,6 +33,14 @@ copy
 keep_model
     Store the trained model in ``adata.uns[key_added]["model"]`` (it survives ``write_h5ad`` /
     ``read_h5ad``), so that ``Model.from_adata`` and ``tl.<tool>_predict(new, adata)`` can use it.""",
+    "show_save": """\
+show
+    Show the plot; defaults to ``sc.settings.autoshow``.
+save
+    ``True`` or a file-name suffix (e.g. ``"_pbmc.pdf"``), saved under ``sc.settings.figdir`` as Scanpy
+    does.
+return_fig
+    Return the figure.""",
     "predict_model": """\
 model
     A trained model object, or the reference AnnData the tool was run on (the model is read from

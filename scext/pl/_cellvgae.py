@@ -10,7 +10,10 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy.plotting._utils import savefig_or_show
 
+from .._docs import doc_params
 
+
+@doc_params
 def attention_embedding(
     adata: AnnData,
     *,
@@ -34,13 +37,7 @@ def attention_embedding(
         Embedding to draw on: ``obsm["X_<basis>"]``.
     key
         The tool's `key_added`.
-    show
-        Show the plot; defaults to ``sc.settings.autoshow``.
-    save
-        ``True`` or a file-name suffix (e.g. ``"_pbmc.pdf"``), saved under ``sc.settings.figdir`` as Scanpy
-        does.
-    return_fig
-        Return the figure.
+    {show_save}
     **kwargs
         Passed to `scanpy.pl.embedding`.
 
@@ -57,6 +54,7 @@ def attention_embedding(
     return _embedding(adata, basis, values, show=show, save=save, return_fig=return_fig, **kwargs)
 
 
+@doc_params
 def attention_graph(
     adata: AnnData,
     *,
@@ -92,13 +90,7 @@ def attention_graph(
         Place the nodes at ``obsm["X_<basis>"]`` instead of a spring layout.
     ax
         Draw into these axes instead of a new figure.
-    show
-        Show the plot; defaults to ``sc.settings.autoshow``.
-    save
-        ``True`` or a file-name suffix (e.g. ``"_pbmc.pdf"``), saved under ``sc.settings.figdir`` as Scanpy
-        does.
-    return_fig
-        Return the figure.
+    {show_save}
 
     Returns
     -------
@@ -149,6 +141,7 @@ def attention_graph(
     return fig if return_fig else None
 
 
+@doc_params
 def learned_expression(
     adata: AnnData,
     genes: str | Sequence[str],
@@ -175,13 +168,7 @@ def learned_expression(
         Embedding to draw on: ``obsm["X_<basis>"]``.
     key
         The tool's `key_added`.
-    show
-        Show the plot; defaults to ``sc.settings.autoshow``.
-    save
-        ``True`` or a file-name suffix (e.g. ``"_pbmc.pdf"``), saved under ``sc.settings.figdir`` as Scanpy
-        does.
-    return_fig
-        Return the figure.
+    {show_save}
     **kwargs
         Passed to `scanpy.pl.embedding` (default colour map ``RdBu_r`` centred at 0).
 

@@ -5,7 +5,10 @@ from anndata import AnnData
 from matplotlib.ticker import MaxNLocator
 from scanpy.plotting._utils import savefig_or_show
 
+from .._docs import doc_params
 
+
+@doc_params
 def training_history(
     adata: AnnData,
     key: str = "kratos",
@@ -31,13 +34,7 @@ def training_history(
         Terms to draw, in this order; default every logged term but the validation curves.
     ncols
         Panels per row.
-    show
-        Show the plot; defaults to ``sc.settings.autoshow``.
-    save
-        ``True`` or a file-name suffix (e.g. ``"_pbmc.pdf"``), saved under ``sc.settings.figdir`` as Scanpy
-        does.
-    return_fig
-        Return the figure.
+    {show_save}
 
     Returns
     -------

@@ -11,6 +11,8 @@ from matplotlib.ticker import NullFormatter
 from scanpy import settings
 from scanpy.plotting._utils import savefig_or_show
 
+from .._docs import doc_params
+
 
 def _percent(fraction: float) -> str:
     return f"{100 * fraction:.3g}%"
@@ -82,6 +84,7 @@ def _panel_plot(
     return None if show else ax
 
 
+@doc_params
 def discriminative_power(
     results: pd.DataFrame,
     *,
@@ -99,12 +102,7 @@ def discriminative_power(
         columns `fraction`, `auroc`, and optionally `method`.
     ax
         Draw into these axes instead of a new figure.
-    show
-        Show the plot; defaults to `sc.settings.autoshow`.
-    save
-        `True` or a file-name suffix (e.g. `"_pbmc.pdf"`), saved under `sc.settings.figdir` as Scanpy does.
-    return_fig
-        Return the figure.
+    {show_save}
 
     Returns
     -------
@@ -124,6 +122,7 @@ def discriminative_power(
     )
 
 
+@doc_params
 def redundancy(
     results: pd.DataFrame,
     *,
@@ -141,12 +140,7 @@ def redundancy(
         (`metric="pcc"`): columns `fraction`, `pcc`, and optionally `method`.
     ax
         Draw into these axes instead of a new figure.
-    show
-        Show the plot; defaults to `sc.settings.autoshow`.
-    save
-        `True` or a file-name suffix (e.g. `"_pbmc.pdf"`), saved under `sc.settings.figdir` as Scanpy does.
-    return_fig
-        Return the figure.
+    {show_save}
 
     Returns
     -------
