@@ -14,8 +14,8 @@ own clusters) and nothing else from the labels: `obs["cell_type"]` is read only 
   without K. Its bar is Scanpy's Leiden at resolution 1 of the same run. The row ``cellvgae K`` reads the
   same run's mu with the tool's K-means path (``_cluster(..., n_clusters=K)``, exactly what
   ``n_clusters=K`` returns from the same training); its bar is the README's best at the true K.
-- ``scdefer``: ``scext.tl.scdefer(adata, n_clusters=K, random_state=seed)`` on raw counts; data sets without
-  counts are skipped (reported as such).
+- ``scdefer``: ``scext.tl.scdefer(adata, n_clusters=K, random_state=seed)`` on raw counts, or on abundances
+  with ``allow_noninteger=True`` (yan's RPKM); log-normalised data sets are skipped (reported as such).
 
 Scanpy baselines, computed here for every seed: normalize_total + log1p (matrices that are not already
 log-normalised), 2,000 highly variable genes (``flavor="seurat"``), scale, PCA 50, neighbors 15, then Leiden at
@@ -235,15 +235,17 @@ def run_tool(tool: str, adata, n_clusters: int, seed: int, device: str):
         k_labels = _cluster(result.obsm["X_cellvgae"], None, None, 1.0, seed, n_clusters=n_clusters)
         return result.obs["cellvgae"], {"k_labels": np.asarray(k_labels)}
     if tool == "scdefer":
-        result = scext.tl.scdefer(adata, n_clusters=n_clusters, **common)
+        # abundances (yan's RPKM) are modelled as they stand, on the count scale
+        abundance = str(adata.uns.get("scext_source", {}).get("integer_valued")) != "True"
+        result = scext.tl.scdefer(adata, n_clusters=n_clusters, allow_noninteger=abundance, **common)
         return result.obs["scdefer"], {}
     raise ValueError(tool)
 
 
 def applies(tool: str, adata) -> str | None:
     """Why `tool` is skipped on this data set at its defaults, or None."""
-    if tool == "scdefer" and str(adata.uns.get("scext_source", {}).get("integer_valued")) != "True":
-        return "no counts (scDEFER needs raw counts)"
+    if tool == "scdefer" and is_log_normalised(adata):
+        return "log-normalised values (scDEFER models counts or abundances)"
     return None
 
 

@@ -18,6 +18,8 @@ from scext.models._scdefer import (
     ScdeferNet,
     adam,
     bounded_exp,
+    directions,
+    soft_assignments,
     target_distribution,
     zinb_nll,
 )
@@ -31,6 +33,8 @@ SMALL = {
     # small networks train stably at rates 10x the defaults, which suit the paper's 1024-wide layers
     "pretrain_lr": 1e-3,
     "lr": 1e-3,
+    # every joint epoch runs, so that each term's course can be checked (`test_joint_training_stops_...`)
+    "tol": 0.0,
     "device": "cpu",
     "progress_bar": False,
 }
@@ -65,7 +69,7 @@ JOINT_TERMS = ["loss", "graph", "zinb", "kl", "bce_d", "bce_g"]
 
 
 def assert_every_term_moves(history, n_epochs: int = 40):
-    assert set(history) == set(PRETRAINING_TERMS + JOINT_TERMS)
+    assert set(history) == set(PRETRAINING_TERMS + JOINT_TERMS + ["assignment_change"])
     for name in PRETRAINING_TERMS + JOINT_TERMS:
         values = history[name]
         assert len(values) == n_epochs
@@ -233,6 +237,10 @@ BAD_INPUTS = {
     "fusion_weight": (lambda a: a.copy(), {"fusion_weight": 1.5}, "fusion_weight"),
     "center_init": (lambda a: a.copy(), {"center_init": "random"}, "center_init"),
     "gammas": (lambda a: a.copy(), {"gammas": (0.3, -0.1, 0.5, 0.1)}, "gammas"),
+    "tol": (lambda a: a.copy(), {"tol": 1.0}, "tol"),
+    "encoders": (lambda a: a.copy(), {"encoders": ("dense", "attention")}, "encoders"),
+    "no_encoder": (lambda a: a.copy(), {"encoders": ()}, "encoders"),
+    "graph_n_pcs": (lambda a: a.copy(), {"graph_n_pcs": 0}, "graph_n_pcs"),
     "layer": (lambda a: a.copy(), {"layer": "missing"}, "layer"),
     "neighbors_key": (lambda a: a.copy(), {"neighbors_key": "missing"}, "sc.pp.neighbors"),
     "training": (lambda a: a.copy(), {"training": "sampled"}, "training"),
@@ -335,6 +343,85 @@ def test_bounded_means_and_dispersions_keep_their_gradient():
         assert torch.isfinite(gradient).all() and (gradient[:4] != 0).all()
     # the gradient pulls the means towards the counts: down from 1e6, up from 1e-5
     assert (net.mean.bias.grad[:2] > 0).all() and (net.mean.bias.grad[2:4] < 0).all()
+
+
+def test_zinb_gradient_is_exact():
+    """The closed-form gradient of the ZINB loss agrees with finite differences (float64, zeros and counts)."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (7, 11)
+    counts = torch.poisson(
+        torch.rand(shape, generator=generator, dtype=torch.float64) * 3, generator=generator
+    )
+    assert 0 < (counts == 0).double().mean() < 1
+    pi, mean, theta = (
+        (torch.rand(shape, generator=generator, dtype=torch.float64) * width + low).requires_grad_()
+        for width, low in ((0.8, 0.05), (5.0, 0.1), (5.0, 0.1))
+    )
+    assert torch.autograd.gradcheck(lambda p, m, t: zinb_nll(counts, p, m, t), (pi, mean, theta))
+
+
+def test_clusters_depend_on_the_direction_of_z_only():
+    """Q reads each cell's Z as a direction at the pretrained radius: rescaling a cell's Z leaves it unchanged."""
+    net = ScdeferNet(6, hidden_sizes=(8, 4), decoder_sizes=(8,), n_clusters=3)
+    net.radius.fill_(5.0)
+    with torch.no_grad():
+        net.centers.copy_(directions(torch.randn(3, 4), net.radius))
+    z = torch.randn(10, 4)
+    rescaled = z * torch.linspace(0.1, 20, 10)[:, None]
+    np.testing.assert_allclose(directions(z, net.radius).norm(dim=1), 5.0, rtol=1e-6)
+    with torch.no_grad():
+        pairs = zip(
+            soft_assignments(net, z, z, z), soft_assignments(net, rescaled, rescaled, rescaled), strict=True
+        )
+        for before, after in pairs:
+            np.testing.assert_allclose(before, after, rtol=1e-5)
+
+
+def test_joint_training_stops_when_assignments_settle(toy):
+    """DEC's rule: joint training ends at the first target refresh where fewer than `tol` of the cells moved."""
+    adata = toy.copy()
+    scext.tl.scdefer(adata, 3, **{**SMALL, "tol": 0.01, "n_epochs": 200})
+    history = adata.uns["scdefer"]["history"]
+    changes = history["assignment_change"]
+    n_joint = len(history["loss"])
+    assert n_joint < 200 and changes[-1] < 0.01 and (np.asarray(changes[:-1]) >= 0.01).all()
+    # refreshes every update_interval (5) epochs; the first has nothing to compare with
+    assert n_joint == 5 * len(changes) + 1
+    assert adjusted_rand_score(adata.obs["cell_type"], adata.obs["scdefer"]) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("encoders", "kept", "dropped"), [(("dense",), "bce_d", "bce_g"), (("graph",), "bce_g", "bce_d")]
+)
+def test_single_encoder_ablations(toy, encoders, kept, dropped):
+    """The paper's ablations without one encoder: its layers are not built and its cross-entropy not trained."""
+    adata = toy.copy()
+    scext.tl.scdefer(adata, 3, encoders=encoders, **{**SMALL, "n_epochs": 10})
+    history = adata.uns["scdefer"]["history"]
+    assert kept in history and dropped not in history
+    model = Scdefer.from_adata(adata)
+    assert model.encoders == encoders
+    assert (model.net.dense is None) == (encoders == ("graph",))
+    assert (model.net.graph is None) == (encoders == ("dense",))
+    assert adjusted_rand_score(adata.obs["cell_type"], adata.obs["scdefer"]) > 0.9
+
+
+def test_graph_is_built_on_principal_components_by_default(toy):
+    on_pcs, on_genes = toy.copy(), toy.copy()
+    scext.tl.scdefer(on_pcs, 3, **TINY)
+    scext.tl.scdefer(on_genes, 3, graph_n_pcs=None, **TINY)
+    assert "50 principal components" in on_pcs.uns["scdefer"]["params"]["graph_source"]
+    assert "log-normalised" in on_genes.uns["scdefer"]["params"]["graph_source"]
+    assert on_pcs.uns["scdefer"]["params"]["n_edges"] != on_genes.uns["scdefer"]["params"]["n_edges"] or not (
+        np.array_equal(on_pcs.obsm["X_scdefer"], on_genes.obsm["X_scdefer"])
+    )
+
+
+def test_model_saved_before_direction_clustering_is_refused(trained):
+    state = Scdefer.from_adata(trained).to_dict()
+    del state["state_dict"]["radius"]
+    with pytest.raises(ValueError, match="train it again"):
+        Scdefer.from_dict(state)
 
 
 def test_adam_uses_torchs_fused_kernel_on_the_cpu():

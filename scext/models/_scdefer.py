@@ -35,6 +35,16 @@ from ._reference import MAX_REFERENCE_CELLS, ReferenceCells
 MEAN_RANGE = (1e-5, 1e6)
 DISPERSION_RANGE = (1e-4, 1e4)
 EPS = 1e-10
+#: scDEFER's two encoders: the fully connected "fusion cell topology" one and the TAGConv graph one
+ENCODERS = ("dense", "graph")
+
+
+def check_encoders(encoders: Sequence[str]) -> tuple[str, ...]:
+    """`encoders` as a tuple in `ENCODERS` order; a clear error for an empty or unknown choice."""
+    chosen = (encoders,) if isinstance(encoders, str) else tuple(encoders)
+    if not chosen or not set(chosen) <= set(ENCODERS) or len(set(chosen)) != len(chosen):
+        raise ValueError(f"encoders must name one or both of {ENCODERS}; got {encoders!r}.")
+    return tuple(name for name in ENCODERS if name in chosen)
 
 
 def bounded_exp(logits: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -76,7 +86,8 @@ class ScdeferNet(nn.Module):
     n_genes
         Genes modelled (input features and ZINB outputs).
     hidden_sizes
-        Widths of the three encoder layers; the last is the latent size (the paper's 1024, 128, 24).
+        Widths of the three encoder layers; the last is the latent size (scext's 256, 64, 24; the
+        paper's 1024, 128, 24).
     decoder_sizes
         Hidden widths of the decoder from Z; the ZINB heads read the last (the mirror of the encoder).
     fusion_weight
@@ -88,6 +99,11 @@ class ScdeferNet(nn.Module):
         Number of learnable cluster centres (set them with `set_centers` before joint training).
     zinb
         Build the ZINB decoder; ``False`` is the paper's "without ZINB" ablation.
+    encoders
+        The encoders built: ``("dense", "graph")``, or one of them alone, the paper's ablations "without the
+        transcriptomics-based graph encoder" (``("dense",)``) and "without the fusion cell topology
+        encoder" (``("graph",)``). With one encoder there is nothing to fuse: each layer reads the previous
+        one, ``Z_D`` and ``Z_G`` are the same and only one cross-entropy term (eq. 19 or 20) is trained.
     """
 
     @renamed_arguments(alpha="fusion_weight")
@@ -95,26 +111,35 @@ class ScdeferNet(nn.Module):
         self,
         n_genes: int,
         *,
-        hidden_sizes: Sequence[int] = (1024, 128, 24),
-        decoder_sizes: Sequence[int] = (128, 1024),
+        hidden_sizes: Sequence[int] = (256, 64, 24),
+        decoder_sizes: Sequence[int] = (64, 256),
         fusion_weight: float = 0.1,
         hops: int = 3,
         n_clusters: int = 2,
         zinb: bool = True,
+        encoders: Sequence[str] = ENCODERS,
     ):
         super().__init__()
         from torch_geometric.nn import TAGConv
 
+        self.encoders = check_encoders(encoders)
+
         hidden_sizes = [int(size) for size in hidden_sizes]
         if len(hidden_sizes) < 1:
             raise ValueError("hidden_sizes needs at least one layer (the latent one).")
+        self.hidden_sizes = tuple(hidden_sizes)
         self.fusion_weight = float(fusion_weight)
         sizes = [n_genes, *hidden_sizes]
-        self.dense = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-        self.graph = nn.ModuleList(
-            TAGConv(a, b, K=int(hops), normalize=False) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+        layers = list(zip(sizes[:-1], sizes[1:], strict=True))
+        self.dense = nn.ModuleList(nn.Linear(a, b) for a, b in layers) if "dense" in self.encoders else None
+        self.graph = (
+            nn.ModuleList(TAGConv(a, b, K=int(hops), normalize=False) for a, b in layers)
+            if "graph" in self.encoders
+            else None
         )
         self.beta = nn.Parameter(torch.zeros(()))
+        # the length of the rows of Z that are clustered (`directions`); set to Z's mean norm after pretraining
+        self.register_buffer("radius", torch.ones(()))
         self.centers = nn.Parameter(torch.zeros(int(n_clusters), hidden_sizes[-1]))
         self.decoder = None
         if zinb:
@@ -146,9 +171,14 @@ class ScdeferNet(nn.Module):
         cells, as in training) is the same computation as before this argument existed.
         """
         fused = x
-        last = len(self.dense) - 1
-        for index, (dense, graph) in enumerate(zip(self.dense, self.graph, strict=True)):
-            h_d, h_g = dense(fused), graph(fused, propagation)
+        last = len(self.hidden_sizes) - 1
+        for index in range(last + 1):
+            h_d = self.dense[index](fused) if self.dense is not None else None
+            h_g = self.graph[index](fused, propagation) if self.graph is not None else None
+            h_d, h_g = (
+                (h_d if h_d is not None else h_g),
+                (h_g if h_g is not None else h_d),
+            )  # one encoder: both
             if index < last:
                 h_d, h_g = F.relu(h_d), F.relu(h_g)
                 fused = self.fusion_weight * h_d + (1 - self.fusion_weight) * h_g
@@ -206,21 +236,73 @@ def normalized_adjacency(edge_index: torch.Tensor, n_cells: int, *, self_loops: 
         return matrix.coalesce().to_sparse_csr()
 
 
+class _ZinbNll(torch.autograd.Function):
+    """Eq. 13-15 with its gradient written out: a handful of passes over the cells x genes entries instead of
+    the few dozen that autograd records, and ``lgamma`` / ``digamma`` only at the non-zero counts (about a
+    tenth of the entries of scRNA-seq data), where the NB term needs them."""
+
+    @staticmethod
+    def forward(ctx, counts, pi, mean, theta):
+        inverse_total = 1 / (theta + mean + EPS)
+        log_ratio = torch.log(theta + EPS) + torch.log(inverse_total)  # log(theta / (theta + mu))
+        zero_nb = torch.exp(theta * log_ratio)  # NB(0 | mu, theta)
+        zero_likelihood = pi + (1 - pi) * zero_nb + EPS
+        nonzero = torch.nonzero(counts.reshape(-1) >= 0.5).squeeze(1)
+        x, p, m, t = (values.reshape(-1)[nonzero] for values in (counts, pi, mean, theta))
+        log_nb = (
+            torch.lgamma(x + t)
+            - torch.lgamma(t)
+            - torch.lgamma(x + 1)
+            + t * log_ratio.reshape(-1)[nonzero]
+            + x * (torch.log(m + EPS) + torch.log(inverse_total.reshape(-1)[nonzero]))
+        )
+        log_zero = torch.log(zero_likelihood)
+        total = log_zero.sum() - log_zero.reshape(-1)[nonzero].sum() + (torch.log(1 - p + EPS) + log_nb).sum()
+        ctx.save_for_backward(
+            counts, pi, mean, theta, inverse_total, log_ratio, zero_nb, zero_likelihood, nonzero
+        )
+        return -total / counts.numel()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        counts, pi, mean, theta, inverse_total, log_ratio, zero_nb, zero_likelihood, nonzero = (
+            ctx.saved_tensors
+        )
+        scale = -grad_output / counts.numel()
+        # zero counts: d log(pi + (1 - pi) z) with z = (theta / (theta + mu))^theta
+        weight = (1 - pi) * zero_nb / zero_likelihood
+        d_theta_log = (
+            theta / (theta + EPS) - theta * inverse_total
+        )  # d(theta * log_ratio)/d theta - log_ratio
+        grad_pi = (1 - zero_nb) / zero_likelihood
+        grad_theta = weight * (log_ratio + d_theta_log)
+        grad_mean = weight * (-theta * inverse_total)
+        # non-zero counts: log(1 - pi) + log NB(x | mu, theta)
+        x, p, m, t = (values.reshape(-1)[nonzero] for values in (counts, pi, mean, theta))
+        r = inverse_total.reshape(-1)[nonzero]
+        grad_pi.reshape(-1)[nonzero] = -1 / (1 - p + EPS)
+        grad_theta.reshape(-1)[nonzero] = (
+            torch.digamma(x + t)
+            - torch.digamma(t)
+            + log_ratio.reshape(-1)[nonzero]
+            + t / (t + EPS)
+            - t * r
+            - x * r
+        )
+        grad_mean.reshape(-1)[nonzero] = -t * r + x * (1 / (m + EPS) - r)
+        return None, grad_pi * scale, grad_mean * scale, grad_theta * scale
+
+
 def zinb_nll(counts: torch.Tensor, pi: torch.Tensor, mean: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Eq. 13-15: negative log-likelihood of the counts under ZINB(pi, mu, theta), mean over entries."""
-    log_theta_mean = torch.log(theta + mean + EPS)
-    # log NB(x | mu, theta)
-    log_nb = (
-        torch.lgamma(counts + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(counts + 1)
-        + theta * (torch.log(theta + EPS) - log_theta_mean)
-        + counts * (torch.log(mean + EPS) - log_theta_mean)
-    )
-    zero_nb = torch.exp(theta * (torch.log(theta + EPS) - log_theta_mean))
-    log_zero = torch.log(pi + (1 - pi) * zero_nb + EPS)
-    log_nonzero = torch.log(1 - pi + EPS) + log_nb
-    return -torch.where(counts < 0.5, log_zero, log_nonzero).mean()
+    """Eq. 13-15: negative log-likelihood of the counts under ZINB(pi, mu, theta), mean over entries.
+
+    ``log NB(x | mu, theta) = lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+    + theta log(theta / (theta + mu)) + x log(mu / (theta + mu))``; a zero count has likelihood
+    ``pi + (1 - pi) NB(0 | mu, theta)``, a non-zero one ``(1 - pi) NB(x | mu, theta)``. The gradient
+    with respect to `pi`, `mean` and `theta` is computed in closed form (`_ZinbNll`); `counts` gets none.
+    """
+    pi, mean, theta = (value.contiguous() for value in (pi, mean, theta))
+    return _ZinbNll.apply(counts.contiguous(), pi, mean, theta)
 
 
 def graph_reconstruction_loss(z: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
@@ -242,9 +324,22 @@ def target_distribution(q: torch.Tensor) -> torch.Tensor:
     return weight / weight.sum(dim=1, keepdim=True)
 
 
+def directions(z: torch.Tensor, radius: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Each row of `z` scaled to length `radius`: the space scDEFER clusters in.
+
+    The graph decoder scores an edge by ``sigmoid(z_i . z_j)``, so training spreads Z along rays: a cell's
+    norm grows with how confidently its edges are predicted, and cells of one type share a direction more
+    than a location. Euclidean K-means and Student's t on Z itself then split long rays and merge short
+    ones. `radius` is the mean norm of the pretrained Z (`ScdeferNet.radius`), which keeps the distances,
+    and so the sharpness of Student's t, on the scale of Z.
+    """
+    return radius * F.normalize(z, dim=1)
+
+
 def soft_assignments(net: ScdeferNet, z: torch.Tensor, z_d: torch.Tensor, z_g: torch.Tensor):
-    """Eq. 16 for Z, Z_D and Z_G against the shared centres (Student's t with one degree of freedom)."""
-    return tuple(student_t(latent, net.centers) for latent in (z, z_d, z_g))
+    """Eq. 16 for the directions of Z, Z_D and Z_G (`directions`) against the shared centres (Student's t,
+    one degree of freedom)."""
+    return tuple(student_t(directions(latent, net.radius), net.centers) for latent in (z, z_d, z_g))
 
 
 def soft_bce(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -315,8 +410,8 @@ class Scdefer(Model):
     `max_reference_cells` (default 5,000), else a seeded sample of that many, with their model input (the
     scaled modelled genes) and the training graph's edges among them. A new cell is attached to its
     `n_neighbors` nearest reference cells (Euclidean, in that scaled input space; the training graph was
-    built on the unscaled log-normalised genes or taken from ``neighbors_key``, so placement approximates
-    it) as a receiver only: messages flow from reference cells to the new cell, never back, and in the
+    built on its principal components, or on the log-normalised genes, or taken from ``neighbors_key``,
+    so placement approximates it) as a receiver only: messages flow from reference cells to the new cell, never back, and in the
     global attention only the reference cells serve as keys and values. The reference cells' Z is thus the
     same whichever new cells are placed, and a new cell's Z does not depend on the other new cells. When
     every training cell is kept and training was full-graph, the reference cells' Z equals the training
@@ -325,10 +420,10 @@ class Scdefer(Model):
     that training cells occupied.
 
     On disk (and in ``adata.uns``): the weights are 4 bytes per parameter. At the defaults (2,000 genes,
-    encoder 1024-128-24, decoder 128-1024, 3 hops) that is about 17.2 million parameters, 69 MB, most of
-    them in the TAGConv layers (4 linear maps each) and the three ZINB heads (1024 x genes each). The
-    reference adds ``cells x genes x 4`` bytes plus 16 bytes per directed edge and 8 per cell: about 41 MB
-    at 5,000 cells x 2,000 genes and k = 10, so about 110 MB in all. Lower `max_reference_cells`
+    encoder 256-64-24, decoder 64-256, 3 hops) that is about 4.2 million parameters, 17 MB, most of them
+    in the first TAGConv layer (4 linear maps of genes x 256) and the three ZINB heads (256 x genes each).
+    The reference adds ``cells x genes x 4`` bytes plus 16 bytes per directed edge and 8 per cell: about
+    41 MB at 5,000 cells x 2,000 genes and k = 10, so about 58 MB in all. Lower `max_reference_cells`
     (`scext.tl.scdefer`) for smaller files, at the cost of a coarser placement.
 
     Parameters
@@ -337,7 +432,7 @@ class Scdefer(Model):
         Modelled genes, in order.
     layer, use_raw
         Where the model reads counts in an AnnData (as in `scext.tl.scdefer`).
-    hidden_sizes, decoder_sizes, fusion_weight, hops, n_clusters, zinb
+    hidden_sizes, decoder_sizes, fusion_weight, hops, n_clusters, zinb, encoders
         The architecture (`ScdeferNet`).
     n_neighbors
         Reference cells each new cell is attached to (the k of the training graph).
@@ -358,12 +453,13 @@ class Scdefer(Model):
         *,
         layer: str | None = None,
         use_raw: bool = False,
-        hidden_sizes: Sequence[int] = (1024, 128, 24),
-        decoder_sizes: Sequence[int] = (128, 1024),
+        hidden_sizes: Sequence[int] = (256, 64, 24),
+        decoder_sizes: Sequence[int] = (64, 256),
         fusion_weight: float = 0.1,
         hops: int = 3,
         n_clusters: int = 2,
         zinb: bool = True,
+        encoders: Sequence[str] = ENCODERS,
         n_neighbors: int = 10,
         normalization_target: float | None = None,
         categories: Sequence[str] | None = None,
@@ -379,6 +475,7 @@ class Scdefer(Model):
         self.hops = int(hops)
         self.n_clusters = int(n_clusters)
         self.zinb = bool(zinb)
+        self.encoders = check_encoders(encoders)
         self.n_neighbors = int(n_neighbors)
         self.normalization_target = None if normalization_target is None else float(normalization_target)
         self.categories = None if categories is None else [str(c) for c in categories]
@@ -390,6 +487,7 @@ class Scdefer(Model):
             hops=self.hops,
             n_clusters=self.n_clusters,
             zinb=self.zinb,
+            encoders=self.encoders,
         )
         # set by fit_scaler / fit (or load): the per-gene z-score and the reference cells
         self.center: np.ndarray | None = None
@@ -459,11 +557,12 @@ class Scdefer(Model):
         graph: sp.csr_matrix,
         *,
         gammas: Sequence[float] = (0.3, 0.1, 0.5, 0.1),
-        n_pretrain_epochs: int = 250,
-        n_epochs: int = 250,
-        pretrain_lr: float = 1e-4,
+        n_pretrain_epochs: int = 30,
+        n_epochs: int = 100,
+        pretrain_lr: float = 1e-3,
         lr: float = 1e-4,
         update_interval: int = 5,
+        tol: float = 1e-3,
         center_init: str = "kmeans",
         denoised: bool = True,
         training: str = "full",
@@ -562,6 +661,8 @@ class Scdefer(Model):
             _check_finite_history(pretrained, "pretraining", "pretrain_lr", pretrain_lr)
 
         (z,) = cells.map(lambda batch: encode(batch)[:1], device)
+        net.radius.fill_(float(z.norm(dim=1).mean()))
+        z = directions(z, net.radius)
         if center_init == "leiden":
             centers = _cluster_means(z, leiden_codes(z.cpu().numpy(), random_state=random_state))
             if centers.shape[0] < 2:
@@ -580,7 +681,18 @@ class Scdefer(Model):
         del z
         self.n_clusters = int(net.centers.shape[0])
 
-        targets: dict[str, object] = {"epoch": 0}
+        targets: dict[str, object] = {"epoch": 0, "labels": None, "converged": False}
+        history["assignment_change"] = []
+
+        def refresh(q: torch.Tensor, q_d: torch.Tensor, q_g: torch.Tensor) -> None:
+            """New targets P from Q of every cell; DEC's stopping rule compares the clusters with the last."""
+            targets["p"] = tuple(target_distribution(t) for t in (q, q_d, q_g))
+            labels = q.argmax(dim=1)
+            if targets["labels"] is not None:
+                change = float((labels != targets["labels"]).float().mean())
+                history["assignment_change"].append(change)
+                targets["converged"] = change < tol
+            targets["labels"] = labels
 
         def joint_step(batch):
             z, z_d, z_g = encode(batch)
@@ -588,22 +700,27 @@ class Scdefer(Model):
             index = batch[-1]
             if index is None:  # the whole graph: this step's Q is every cell's, no extra pass needed
                 if targets["epoch"] % update_interval == 0:
-                    targets["p"] = tuple(target_distribution(t.detach()) for t in (q, q_d, q_g))
+                    refresh(q.detach(), q_d.detach(), q_g.detach())
                 targets["epoch"] += 1
                 p, p_d, p_g = targets["p"]
             else:
                 p, p_d, p_g = (t[index] for t in targets["p"])
             loss, terms = reconstruction(z, batch)
-            terms.update(kl=kl_target(q, p), bce_d=soft_bce(q_d, p_d), bce_g=soft_bce(q_g, p_g))
-            loss = loss + g_kl * terms["kl"] + g_bce * (terms["bce_d"] + terms["bce_g"])
+            terms["kl"] = kl_target(q, p)
+            # eq. 19-20, one cross-entropy per encoder built (with one, Q_D and Q_G are the same)
+            if "dense" in self.encoders:
+                terms["bce_d"] = soft_bce(q_d, p_d)
+            if "graph" in self.encoders:
+                terms["bce_g"] = soft_bce(q_g, p_g)
+            cross_entropy = sum(terms[name] for name in ("bce_d", "bce_g") if name in terms)
+            loss = loss + g_kl * terms["kl"] + g_bce * cross_entropy
             return {"loss": loss, **terms}
 
         def joint_batches():
             if training == "minibatch":
                 # P divides by the soft cluster frequencies, which only Q of all cells gives
                 if targets["epoch"] % update_interval == 0:
-                    q = cells.map(lambda batch: soft_assignments(net, *encode(batch)), device)
-                    targets["p"] = tuple(target_distribution(t) for t in q)
+                    refresh(*cells.map(lambda batch: soft_assignments(net, *encode(batch)), device))
                 targets["epoch"] += 1
             return cells.training_batches()
 
@@ -614,6 +731,7 @@ class Scdefer(Model):
                 step=joint_step,
                 batches=joint_batches,
                 n_epochs=n_epochs,
+                converged=lambda: targets["converged"],
                 progress_bar=progress_bar,
                 description="scDEFER",
             )
@@ -740,6 +858,7 @@ class Scdefer(Model):
             "hops": self.hops,
             "n_clusters": self.n_clusters,
             "zinb": self.zinb,
+            "encoders": list(self.encoders),
             "n_neighbors": self.n_neighbors,
             "normalization_target": self.normalization_target,
             "categories": None if self.categories is None else list(self.categories),
@@ -755,6 +874,11 @@ class Scdefer(Model):
 
     @classmethod
     def _build_net(cls, config: dict, arrays: dict) -> nn.Module:
+        if "radius" not in arrays.get("state_dict", {}):
+            raise ValueError(
+                "the model predates clustering on the directions of Z (it has no 'radius'); train it again "
+                "with this version of scext"
+            )
         return ScdeferNet(
             len(config["var_names"]),
             hidden_sizes=config["hidden_sizes"],
@@ -763,6 +887,7 @@ class Scdefer(Model):
             hops=config["hops"],
             n_clusters=config["n_clusters"],
             zinb=config["zinb"],
+            encoders=config.get("encoders", ENCODERS),
         )
 
     @classmethod

@@ -5,7 +5,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import scipy.sparse.linalg
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
@@ -24,6 +23,7 @@ from .._utils import (
 from .._utils._arguments import renamed_arguments
 from .._utils._contract import check_adata, check_int, check_ints, check_number, claim_slots
 from .._utils._genes import highly_variable_column, highly_variable_genes, is_counts
+from .._utils._pca import principal_axes
 from .._utils._random import preserves_global_rng
 from ..models import Cicl
 from ..models._base import params_record
@@ -501,14 +501,10 @@ def _unlogged_abundances(matrix) -> bool:
 
 
 def _principal_axes(data, scaler, n_pcs, rng, max_cells: int = HVG_MAX_CELLS):
-    """The top `n_pcs` principal axes (genes x n_pcs, float32) of the z-scored `data`, and the constant
-    coordinate appended to the scores (`HOMOGENEOUS_SCALE` times their root-mean-square norm); ``(None,
-    None)`` when `n_pcs` is None or the genes are no more than the components (the genes are then the input).
-
-    Truncated SVD by ARPACK's Lanczos iterations (as ``sc.pp.pca``) on the z-scored matrix, never formed:
-    centring and scaling are applied inside the matrix-vector products, so sparse input stays sparse (an
-    atlas is sampled to `max_cells` cells first). The start vector is fixed, so the axes are the same on
-    every run, and each axis's sign makes its largest loading positive.
+    """The top `n_pcs` principal axes (genes x n_pcs, float32) of the z-scored `data`
+    (`scext._utils._pca.principal_axes`), and the constant coordinate appended to the scores
+    (`HOMOGENEOUS_SCALE` times their root-mean-square norm); ``(None, None)`` when `n_pcs` is None or the
+    genes are no more than the components (the genes are then the input).
     """
     n_cells, n_genes = data.shape
     if n_pcs is None:
@@ -516,33 +512,7 @@ def _principal_axes(data, scaler, n_pcs, rng, max_cells: int = HVG_MAX_CELLS):
     n_pcs = min(n_pcs, n_cells - 1)
     if n_genes <= n_pcs:
         return None, None
-    rows = np.sort(rng.choice(n_cells, max_cells, replace=False)) if n_cells > max_cells else None
-    blocks = [block for _, block in row_blocks(data, rows)]
-    if all(sp.issparse(block) for block in blocks):
-        matrix = sp.vstack(blocks, format="csr").astype(np.float32)
-    else:
-        matrix = np.concatenate([b.toarray() if sp.issparse(b) else np.asarray(b) for b in blocks])
-        matrix = matrix.astype(np.float32, copy=False)
-    center, scale = (np.asarray(v, dtype=np.float64) for v in scaler)
-    shift = center / scale
-
-    def matvec(v):  # ((X - center) / scale) v
-        v = np.asarray(v, dtype=np.float64).reshape(-1)
-        return matrix @ (v / scale) - shift @ v
-
-    def rmatvec(u):  # ((X - center) / scale)^T u
-        u = np.asarray(u, dtype=np.float64).reshape(-1)
-        return (matrix.T @ u) / scale - shift * u.sum()
-
-    operator = scipy.sparse.linalg.LinearOperator(
-        (matrix.shape[0], n_genes), matvec=matvec, rmatvec=rmatvec, dtype=np.float64
-    )
-    start = np.full(min(matrix.shape), 1.0 / np.sqrt(min(matrix.shape)))
-    _, singular, axes_t = scipy.sparse.linalg.svds(operator, k=n_pcs, v0=start, solver="arpack")
-    order = np.argsort(singular)[::-1]
-    axes = axes_t[order].T
-    squared_norms = singular[order] ** 2  # the squared norm of the scores along each axis
-    axes = axes * np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(n_pcs)])
-    axes = np.ascontiguousarray(axes, dtype=np.float32)
-    rms_norm = float(np.sqrt(float(np.sum(squared_norms)) / matrix.shape[0]))
+    axes, squared_norms = principal_axes(data, *scaler, n_pcs, rng, max_cells=max_cells)
+    n_used = min(n_cells, max_cells)
+    rms_norm = float(np.sqrt(float(np.sum(squared_norms)) / n_used))
     return axes, HOMOGENEOUS_SCALE * max(rms_norm, 1e-6)

@@ -15,10 +15,11 @@ from .._utils._arguments import renamed_arguments
 from .._utils._contract import check_adata, check_int, check_ints, claim_slots
 from .._utils._genes import check_counts, highly_variable_column, highly_variable_genes
 from .._utils._graph import knn_graph, neighbors_graph
+from .._utils._pca import principal_axes
 from .._utils._random import preserves_global_rng
 from ..models._base import params_record
 from ..models._reference import MAX_REFERENCE_CELLS
-from ..models._scdefer import CENTER_INITS, Scdefer
+from ..models._scdefer import CENTER_INITS, ENCODERS, Scdefer, check_encoders
 from ..train._graph_batches import graph_training_mode
 from ._common import begin_prediction
 
@@ -36,18 +37,21 @@ def scdefer(
     n_top_genes: int | None = 2000,
     neighbors_key: str | None = None,
     n_neighbors: int = 10,
-    hidden_sizes: Sequence[int] = (1024, 128, 24),
-    decoder_sizes: Sequence[int] = (128, 1024),
+    graph_n_pcs: int | None = 50,
+    hidden_sizes: Sequence[int] = (256, 64, 24),
+    decoder_sizes: Sequence[int] = (64, 256),
     fusion_weight: float = 0.1,
     hops: int = 3,
     zinb: bool = True,
+    encoders: Sequence[str] = ENCODERS,
     denoised: bool = True,
     gammas: Sequence[float] = (0.3, 0.1, 0.5, 0.1),
-    n_pretrain_epochs: int = 250,
-    n_epochs: int = 250,
-    pretrain_lr: float = 1e-4,
+    n_pretrain_epochs: int = 30,
+    n_epochs: int = 100,
+    pretrain_lr: float = 1e-3,
     lr: float = 1e-4,
     update_interval: int = 5,
+    tol: float = 1e-3,
     center_init: str = "kmeans",
     training: str = "auto",
     batch_size: int = 8192,
@@ -93,13 +97,18 @@ def scdefer(
         ``var["highly_variable"]`` flags (those with counts) when that column exists, else all genes with
         counts.
     neighbors_key
-        Use the edges of an existing ``sc.pp.neighbors`` graph instead of building a kNN graph on the
-        log-normalised expression of the modelled genes.
+        Use the edges of an existing ``sc.pp.neighbors`` graph instead of building a kNN graph here (see
+        `graph_n_pcs`).
     n_neighbors
         k of the graph built here (the paper's 10); also the number of reference cells each new cell is
         attached to by `scext.tl.scdefer_predict`.
+    graph_n_pcs
+        Build that graph on this many principal components of the model's input (the z-scored modelled
+        genes), as Scanpy's ``pca`` + ``neighbors`` would; ``None``, or no more genes than components: on
+        the log-normalised modelled genes themselves. The paper does not say which space its graph uses.
     hidden_sizes, decoder_sizes
-        Encoder widths (last = latent; the paper's 1024, 128, 24) and decoder hidden widths from Z.
+        Encoder widths (last = latent) and decoder hidden widths from Z. The paper's 1024, 128, 24
+        clustered no better than 256, 64, 24 and took 2.5x as long (:doc:`/methods/scdefer`).
     fusion_weight
         Layer-wise fusion weight of the fully connected branch (the paper's alpha, 0.1). Formerly
         ``alpha``, which still works for one release with a `FutureWarning`.
@@ -109,6 +118,10 @@ def scdefer(
     zinb
         ``False`` drops the ZINB decoder and its loss (the paper's "without ZINB" ablation); no denoised
         layer is written then.
+    encoders
+        ``("dense", "graph")`` builds both encoders; ``("dense",)`` or ``("graph",)`` one of them alone, the
+        paper's ablations without the graph encoder and without the fully connected ("fusion cell
+        topology") encoder.
     denoised
         Write the ZINB means ``(1 - pi) mu`` as ``layers["<key_added>_denoised"]``: a dense cells x genes
         float32 array (8 GB at a million cells x 2,000 genes), so turn it off for large data.
@@ -116,12 +129,16 @@ def scdefer(
         Weights of the graph, ZINB, KL and cross-entropy terms (eq. 21; the paper's 0.3, 0.1, 0.5, 0.1). The
         first two also weigh pretraining.
     n_pretrain_epochs, n_epochs
-        Epochs of pretraining and of joint training (the paper's 250 each): one Adam step on the full
-        graph, or one per minibatch.
+        Epochs of pretraining and the most epochs of joint training (the paper's 250 each; joint
+        training usually stops earlier, see `tol`): one Adam step on the full graph, or one per minibatch.
     pretrain_lr, lr
-        Learning rates of the two stages.
+        Learning rates of the two stages (the paper's 5e-5 and 1e-7; see :doc:`/methods/scdefer`).
     update_interval
         Recompute the target distributions P, P^D, P^G from the current Q every this many epochs.
+    tol
+        Stop joint training once fewer than this fraction of the cells change cluster (argmax of Q)
+        between two refreshes of the targets: DEC's stopping rule, label-free. ``0`` trains all
+        `n_epochs`.
     center_init
         How the K centres start on the pretrained Z (the paper's "K-means (or spectral)"): ``"kmeans"``
         (10 k-means++ seedings, lowest inertia) or ``"spectral"`` (scikit-learn's spectral clustering on a
@@ -137,7 +154,7 @@ def scdefer(
         For scDEFER on CUDA, the scatter operations of the graph layers are what is not bit-reproducible.
     {progress_bar}
     {keep_model}
-        At the defaults the scDEFER model takes about 110 MB (`scext.models.Scdefer`).
+        At the defaults the scDEFER model takes about 58 MB (`scext.models.Scdefer`).
     max_reference_cells
         Training cells the model keeps to place new cells (all of them when there are at most this many,
         else a sample seeded by `random_state`); see `scext.models.Scdefer`.
@@ -180,6 +197,8 @@ def scdefer(
     check_ints(hidden_sizes, "hidden_sizes")
     check_ints(decoder_sizes, "decoder_sizes", allow_empty=True)
     check_int(n_neighbors, "n_neighbors")
+    check_int(graph_n_pcs, "graph_n_pcs", minimum=1, allow_none=True)
+    encoders = check_encoders(encoders)
     check_int(n_top_genes, "n_top_genes", minimum=2, allow_none=True)
     claim_slots(
         adata,
@@ -208,6 +227,7 @@ def scdefer(
         update_interval,
         hops,
         center_init,
+        tol,
     )
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
@@ -275,13 +295,6 @@ def scdefer(
         + (f"; {n_without_counts} gene(s) without counts in {source} left out" if n_without_counts else "")
         + f" (var['{key_added}_modelled'])"
     )
-    if cell_graph is None:
-        cell_graph = knn_graph(
-            dense_columns(log_expression, np.arange(len(genes))), n_neighbors, random_state=random_state
-        )
-        graph_source = f"{n_neighbors}-NN graph of the log-normalised modelled genes"
-    else:
-        graph_source = f"sc.pp.neighbors graph {neighbors_key!r}"
     # the minibatch order has its own generator: the global stream (weights, random pairs) then draws the
     # same numbers in both modes, and one batch of all cells reproduces full-graph training
     _, order_generator = seed_everything(random_state)
@@ -295,10 +308,15 @@ def scdefer(
         hops=hops,
         n_clusters=n_clusters or 1,
         zinb=zinb,
+        encoders=encoders,
         n_neighbors=n_neighbors,
         normalization_target=normalization_target,
     )
     model.fit_scaler(log_expression)
+    if cell_graph is None:
+        cell_graph, graph_source = _knn_graph(model, log_expression, graph_n_pcs, n_neighbors, random_state)
+    else:
+        graph_source = f"sc.pp.neighbors graph {neighbors_key!r}"
     result = model.fit(
         log_expression,
         # counts of the modelled genes, densified by CellGraph: whole for full-graph training (this sparse
@@ -312,6 +330,7 @@ def scdefer(
         pretrain_lr=pretrain_lr,
         lr=lr,
         update_interval=update_interval,
+        tol=tol,
         center_init="leiden" if n_clusters is None else center_init,
         denoised=denoised,
         training=mode,
@@ -469,6 +488,25 @@ def scdefer_predict(
     return adata if copy else None
 
 
+def _knn_graph(model: Scdefer, log_expression, n_pcs: int | None, n_neighbors: int, random_state: int):
+    """The training graph built here and its description: k-NN on the top `n_pcs` principal components of
+    the model's input (its z-scored, clipped modelled genes), or on the log-normalised genes."""
+    n_cells, n_genes = log_expression.shape
+    if n_pcs is None or n_genes <= min(n_pcs, n_cells - 1):
+        coordinates = dense_columns(log_expression, np.arange(n_genes))
+        description = f"{n_neighbors}-NN graph of the log-normalised modelled genes"
+    else:
+        n_pcs = min(n_pcs, n_cells - 1)
+        rng = np.random.default_rng(random_state)
+        axes, _ = principal_axes(log_expression, model.center, model.scale, n_pcs, rng)
+        inputs = model.scaled(log_expression)
+        coordinates = np.concatenate(
+            [inputs[np.arange(start, min(start + 8192, n_cells))] @ axes for start in range(0, n_cells, 8192)]
+        )
+        description = f"{n_neighbors}-NN graph of {n_pcs} principal components of the scaled modelled genes"
+    return knn_graph(coordinates, n_neighbors, random_state=random_state), description
+
+
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -485,6 +523,7 @@ def _check_arguments(
     update_interval,
     hops,
     center_init,
+    tol,
 ) -> tuple[float, float, float, float]:
     if center_init not in CENTER_INITS:
         raise ValueError(f"center_init={center_init!r} is unknown; choose 'kmeans' or 'spectral'.")
@@ -514,4 +553,6 @@ def _check_arguments(
         raise ValueError(f"update_interval must be a positive int, got {update_interval!r}.")
     if not _is_int(hops) or hops < 0:
         raise ValueError(f"hops must be a non-negative int, got {hops!r}.")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+        raise ValueError(f"tol must be a fraction in [0, 1), got {tol!r}.")
     return gammas

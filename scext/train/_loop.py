@@ -22,6 +22,7 @@ def train_loop(
     n_epochs: int,
     validate: Callable[[], Mapping[str, float]] | None = None,
     patience: int | None = None,
+    converged: Callable[[], bool] | None = None,
     progress_bar: bool | None = None,
     description: str = "training",
     distributed: bool = False,
@@ -40,6 +41,9 @@ def train_loop(
     patience
         Stop when the monitored loss (``val_loss`` if `validate` is given, else ``loss``) has not improved
         for this many epochs, and restore the weights of the best epoch. ``None`` trains all epochs.
+    converged
+        Called after each epoch; training stops (keeping the current weights) when it returns True. A
+        label-free stopping rule of the caller's, such as DEC's "assignments stopped changing".
     distributed
         Data-parallel over the `torch.distributed` process group, if one is initialised (else ignored):
         `batches` yields this rank's shard of each global minibatch (``iter_minibatches(distributed=True)``),
@@ -91,6 +95,8 @@ def train_loop(
                     history.setdefault(f"val_{name}", []).append(float(value))
         monitored = history["val_loss" if validate is not None else "loss"][-1]
         epochs.set_postfix(loss=f"{history['loss'][-1]:.4f}", refresh=False)
+        if converged is not None and converged():
+            break
         if patience is None:
             continue
         if monitored < best_loss:
