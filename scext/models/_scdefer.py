@@ -175,10 +175,10 @@ class ScdeferNet(nn.Module):
         for index in range(last + 1):
             h_d = self.dense[index](fused) if self.dense is not None else None
             h_g = self.graph[index](fused, propagation) if self.graph is not None else None
-            h_d, h_g = (
-                (h_d if h_d is not None else h_g),
-                (h_g if h_g is not None else h_d),
-            )  # one encoder: both
+            if h_d is None:  # one encoder built: its output stands in for the other's
+                h_d = h_g
+            if h_g is None:
+                h_g = h_d
             if index < last:
                 h_d, h_g = F.relu(h_d), F.relu(h_g)
                 fused = self.fusion_weight * h_d + (1 - self.fusion_weight) * h_g
@@ -247,7 +247,8 @@ class _ZinbNll(torch.autograd.Function):
         log_ratio = torch.log(theta + EPS) + torch.log(inverse_total)  # log(theta / (theta + mu))
         zero_nb = torch.exp(theta * log_ratio)  # NB(0 | mu, theta)
         zero_likelihood = pi + (1 - pi) * zero_nb + EPS
-        nonzero = torch.nonzero(counts.reshape(-1) >= 0.5).squeeze(1)
+        is_nonzero = counts >= 0.5
+        nonzero = torch.nonzero(is_nonzero.reshape(-1)).squeeze(1)
         x, p, m, t = (values.reshape(-1)[nonzero] for values in (counts, pi, mean, theta))
         log_nb = (
             torch.lgamma(x + t)
@@ -256,8 +257,8 @@ class _ZinbNll(torch.autograd.Function):
             + t * log_ratio.reshape(-1)[nonzero]
             + x * (torch.log(m + EPS) + torch.log(inverse_total.reshape(-1)[nonzero]))
         )
-        log_zero = torch.log(zero_likelihood)
-        total = log_zero.sum() - log_zero.reshape(-1)[nonzero].sum() + (torch.log(1 - p + EPS) + log_nb).sum()
+        log_zero = torch.log(zero_likelihood).masked_fill_(is_nonzero, 0)
+        total = log_zero.sum() + (torch.log(1 - p + EPS) + log_nb).sum()
         ctx.save_for_backward(
             counts, pi, mean, theta, inverse_total, log_ratio, zero_nb, zero_likelihood, nonzero
         )
@@ -271,9 +272,8 @@ class _ZinbNll(torch.autograd.Function):
         scale = -grad_output / counts.numel()
         # zero counts: d log(pi + (1 - pi) z) with z = (theta / (theta + mu))^theta
         weight = (1 - pi) * zero_nb / zero_likelihood
-        d_theta_log = (
-            theta / (theta + EPS) - theta * inverse_total
-        )  # d(theta * log_ratio)/d theta - log_ratio
+        # d(theta * log_ratio) / d theta - log_ratio
+        d_theta_log = theta / (theta + EPS) - theta * inverse_total
         grad_pi = (1 - zero_nb) / zero_likelihood
         grad_theta = weight * (log_ratio + d_theta_log)
         grad_mean = weight * (-theta * inverse_total)
