@@ -107,8 +107,8 @@ def scdefer(
         genes), as Scanpy's ``pca`` + ``neighbors`` would; ``None``, or no more genes than components: on
         the log-normalised modelled genes themselves. The paper does not say which space its graph uses.
     hidden_sizes, decoder_sizes
-        Encoder widths (last = latent) and decoder hidden widths from Z. The paper's 1024, 128, 24
-        clustered no better than 256, 64, 24 and took 2.5x as long (:doc:`/methods/scdefer`).
+        Encoder widths (last = latent) and decoder hidden widths from Z: 256, 64, 24 by default for
+        time; the paper's 1024, 128, 24 take about twice as long (:doc:`/methods/scdefer`).
     fusion_weight
         Layer-wise fusion weight of the fully connected branch (the paper's alpha, 0.1). Formerly
         ``alpha``, which still works for one release with a `FutureWarning`.
