@@ -60,9 +60,15 @@ def check_ints(values, name: str, *, minimum: int = 1, allow_empty: bool = False
 
 
 def check_number(
-    value, name: str, *, low: float | None = None, high: float | None = None, open_low: bool = False
+    value,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
 ) -> None:
-    """A finite real number in [low, high] (``(low, high]`` with `open_low`)."""
+    """A finite real number in [low, high] (open at `low` / `high` with `open_low` / `open_high`)."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float, np.integer, np.floating))
@@ -70,8 +76,12 @@ def check_number(
     ):
         raise ValueError(f"{name} must be a finite number, got {value!r}.")
     below = value <= low if open_low else value < low if low is not None else False
-    if (low is not None and below) or (high is not None and value > high):
-        interval = f"{'(' if open_low else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+    above = value >= high if open_high else value > high if high is not None else False
+    if (low is not None and below) or (high is not None and above):
+        interval = (
+            f"{'(' if open_low else '['}{low if low is not None else '-inf'}, "
+            f"{high if high is not None else 'inf'}{')' if open_high else ']'}"
+        )
         raise ValueError(f"{name} must be in {interval}, got {value!r}.")
 
 

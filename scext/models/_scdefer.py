@@ -127,7 +127,6 @@ class ScdeferNet(nn.Module):
         hidden_sizes = [int(size) for size in hidden_sizes]
         if len(hidden_sizes) < 1:
             raise ValueError("hidden_sizes needs at least one layer (the latent one).")
-        self.hidden_sizes = tuple(hidden_sizes)
         self.fusion_weight = float(fusion_weight)
         sizes = [n_genes, *hidden_sizes]
         layers = list(zip(sizes[:-1], sizes[1:], strict=True))
@@ -171,7 +170,7 @@ class ScdeferNet(nn.Module):
         cells, as in training) is the same computation as before this argument existed.
         """
         fused = x
-        last = len(self.hidden_sizes) - 1
+        last = len(self.dense if self.dense is not None else self.graph) - 1
         for index in range(last + 1):
             h_d = self.dense[index](fused) if self.dense is not None else None
             h_g = self.graph[index](fused, propagation) if self.graph is not None else None
@@ -411,8 +410,8 @@ class Scdefer(Model):
     scaled modelled genes) and the training graph's edges among them. A new cell is attached to its
     `n_neighbors` nearest reference cells (Euclidean, in that scaled input space; the training graph was
     built on its principal components, or on the log-normalised genes, or taken from ``neighbors_key``,
-    so placement approximates it) as a receiver only: messages flow from reference cells to the new cell, never back, and in the
-    global attention only the reference cells serve as keys and values. The reference cells' Z is thus the
+    so placement approximates it) as a receiver only: messages flow from reference cells to the new cell,
+    never back, and in the global attention only the reference cells serve as keys and values. The reference cells' Z is thus the
     same whichever new cells are placed, and a new cell's Z does not depend on the other new cells. When
     every training cell is kept and training was full-graph, the reference cells' Z equals the training
     embedding (up to float rounding; after minibatch training the training Z came from batches of parts).

@@ -10,9 +10,9 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from .._utils import dense_columns, get_matrix, matrix_source, resolve_device, seed_everything
+from .._utils import dense_columns, get_matrix, matrix_source, resolve_device, row_blocks, seed_everything
 from .._utils._arguments import renamed_arguments
-from .._utils._contract import check_adata, check_int, check_ints, claim_slots
+from .._utils._contract import check_adata, check_int, check_ints, check_number, claim_slots
 from .._utils._genes import check_counts, highly_variable_column, highly_variable_genes
 from .._utils._graph import knn_graph, neighbors_graph
 from .._utils._pca import principal_axes
@@ -499,10 +499,7 @@ def _knn_graph(model: Scdefer, log_expression, n_pcs: int | None, n_neighbors: i
         n_pcs = min(n_pcs, n_cells - 1)
         rng = np.random.default_rng(random_state)
         axes, _ = principal_axes(log_expression, model.center, model.scale, n_pcs, rng)
-        inputs = model.scaled(log_expression)
-        coordinates = np.concatenate(
-            [inputs[np.arange(start, min(start + 8192, n_cells))] @ axes for start in range(0, n_cells, 8192)]
-        )
+        coordinates = np.concatenate([block @ axes for _, block in row_blocks(model.scaled(log_expression))])
         description = f"{n_neighbors}-NN graph of {n_pcs} principal components of the scaled modelled genes"
     return knn_graph(coordinates, n_neighbors, random_state=random_state), description
 
@@ -553,6 +550,5 @@ def _check_arguments(
         raise ValueError(f"update_interval must be a positive int, got {update_interval!r}.")
     if not _is_int(hops) or hops < 0:
         raise ValueError(f"hops must be a non-negative int, got {hops!r}.")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
-        raise ValueError(f"tol must be a fraction in [0, 1), got {tol!r}.")
+    check_number(tol, "tol", low=0, high=1, open_high=True)
     return gammas
