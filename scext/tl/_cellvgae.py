@@ -64,8 +64,8 @@ def cellvgae(
     regularizer: str = "kl",
     regularizer_weight: float | None = None,
     feature_decoder: bool = False,
-    n_epochs: int = 200,
-    lr: float = 1e-4,
+    n_epochs: int = 50,
+    lr: float = 1e-3,
     training: str = "auto",
     batch_size: int = 8192,
     n_clusters: int | None = None,
@@ -134,7 +134,8 @@ def cellvgae(
     feature_decoder
         Add a dense decoder that reconstructs the features from z with an MSE loss (eq. 11).
     n_epochs, lr
-        Adam epochs and learning rate; the paper's 200 epochs (sec. 3.7) and 1e-4.
+        Adam epochs and learning rate. The paper trains 200 epochs at 1e-4 (sec. 3.7); 50 at 1e-3 reach
+        about the same reconstruction loss and clusters in a quarter of the time (see the method page).
     training, batch_size
         ``"full"``: one step per epoch on the whole graph (the paper). ``"minibatch"``: Cluster-GCN
         training on 4 random graph parts of about ``batch_size / 4`` cells per step, so memory follows
