@@ -40,6 +40,7 @@ VARIANTS = {
     "genes_graph": {"graph_n_pcs": None},
     "pretrain_60": {"n_pretrain_epochs": 60},
     "without_zinb": {"zinb": False},
+    "fusion_weight_0": {"fusion_weight": 0.0},
     "fusion_weight_0.5": {"fusion_weight": 0.5},
     "fusion_weight_0.9": {"fusion_weight": 0.9},
     "without_graph_encoder": {"encoders": ("dense",)},
