@@ -6,11 +6,11 @@
 
 For each data set (log-normalised: counts get normalize_total + log1p), seed, number of feature genes,
 regulariser and schedule (``epochs:learning rate``), `scext.tl.cellvgae` is trained at its other defaults
-without clustering, and mu is read out four ways: HDBSCAN on a UMAP of mu (the tool's default), K-means with the true K (what ``n_clusters=K``
-returns), and Leiden at resolution 1 and 0.3 on a 15-NN graph of mu. Labels are read only to score: ARI of
-each read-out, and the label purity of the 5-NN graph the encoder was trained on and of the 5-NN graph of mu
-(the fraction of neighbour pairs that share a label), which says whether the graph or the read-out loses
-the clusters. Prints one table and writes one CSV row per run.
+without clustering, and mu is read out four ways: HDBSCAN on a UMAP of mu (the tool's default), K-means
+with the true K (what ``n_clusters=K`` returns), and Leiden at resolution 1 and 0.3 on a 15-NN graph of
+mu. Labels are read only to score: ARI of each read-out, and the label purity of the 5-NN graph the encoder
+was trained on and of the 5-NN graph of mu (the fraction of neighbour pairs that share a label), which says
+whether the graph or the read-out loses the clusters. Prints one table and writes one CSV row per run.
 """
 
 from __future__ import annotations

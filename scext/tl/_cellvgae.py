@@ -135,7 +135,7 @@ def cellvgae(
         Add a dense decoder that reconstructs the features from z with an MSE loss (eq. 11).
     n_epochs, lr
         Adam epochs and learning rate. The paper trains 200 epochs at 1e-4 (sec. 3.7); 50 at 1e-3 reach
-        about the same reconstruction loss and clusters in a quarter of the time (see the method page).
+        about the same reconstruction loss and clusters in 3.5x less time (see the method page).
     training, batch_size
         ``"full"``: one step per epoch on the whole graph (the paper). ``"minibatch"``: Cluster-GCN
         training on 4 random graph parts of about ``batch_size / 4`` cells per step, so memory follows
