@@ -16,7 +16,6 @@ from scext.models._scdefer import (
     DISPERSION_RANGE,
     MEAN_RANGE,
     ScdeferNet,
-    adam,
     bounded_exp,
     directions,
     soft_assignments,
@@ -422,11 +421,6 @@ def test_model_saved_before_direction_clustering_is_refused(trained):
     del state["state_dict"]["radius"]
     with pytest.raises(ValueError, match="train it again"):
         Scdefer.from_dict(state)
-
-
-def test_adam_uses_torchs_fused_kernel_on_the_cpu():
-    parameters = [torch.nn.Parameter(torch.zeros(3))]
-    assert adam(parameters, 1e-3, torch.device("cpu")).defaults["fused"] is True
 
 
 def test_allow_noninteger_proceeds_on_corrected_counts(toy):

@@ -6,7 +6,7 @@ import torch
 
 import scext
 from scext._utils import resolve_device, stratified_split
-from scext.train import iter_minibatches, map_minibatches
+from scext.train import adam, iter_minibatches, map_minibatches
 
 
 def test_synthetic_counts_plant_markers():
@@ -66,3 +66,10 @@ def test_minibatches_cover_every_row_once_in_seeded_order():
     assert torch.equal(seen[0], seen[1])
     (doubled,) = map_minibatches(lambda x: 2 * x, matrix, torch.device("cpu"), batch_size=6)
     np.testing.assert_array_equal(doubled, 2 * matrix.toarray())
+
+
+def test_adam_uses_torchs_fused_kernel_on_the_cpu():
+    # CICL and scDEFER train with it: one kernel over all weights instead of a loop of small tensors
+    parameters = [torch.nn.Parameter(torch.zeros(3))]
+    assert adam(parameters, 1e-3, torch.device("cpu")).defaults["fused"] is True
+    assert adam(parameters, 1e-3, torch.device("meta")).defaults["foreach"] is True

@@ -15,7 +15,7 @@ from anndata import AnnData
 from torch import nn
 
 from .._utils import check_finite, get_matrix, row_blocks, stored_values
-from ..train import iter_minibatches, train_loop
+from ..train import adam, iter_minibatches, train_loop
 from ._base import Model
 from ._kmeans import kmeans, student_t
 from ._reference import MAX_REFERENCE_CELLS
@@ -368,8 +368,8 @@ class Cicl(Model):
         net = self.net.to(device)
         n_cells = matrix.shape[0]
         balanced = balanced_batch_size(n_cells, batch_size)
-        # the fused kernel: one pass over all weights per step instead of a loop of small tensors (4x on the CPU)
-        optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=True)
+        # fused: one pass over all weights per step instead of a loop of small tensors (4x on the CPU)
+        optimizer = adam(net.parameters(), lr, device)
         rows = np.arange(n_cells)
         return train_loop(
             net,

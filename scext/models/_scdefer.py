@@ -24,7 +24,7 @@ from .._utils import (
 from .._utils._arguments import renamed_arguments
 from .._utils._genes import check_counts
 from .._utils._graph import edge_index, leiden_codes
-from ..train import train_loop
+from ..train import adam, train_loop
 from ..train._graph_batches import CellGraph, graph_partition, partition_plan
 from ._base import Model
 from ._edges import edge_logits, sample_pairs
@@ -57,14 +57,6 @@ def bounded_exp(logits: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """
     value = torch.exp(logits.detach().clamp(float(np.log(low)), float(np.log(high)))).clamp(low, high)
     return value + value * (logits - logits.detach())
-
-
-def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam with torch's fused kernel where it has one for `device` (CPU, CUDA), else the multi-tensor
-    (``foreach``) one: the same update as the default single-tensor loop, one kernel over all weights."""
-    if torch.device(device).type in ("cpu", "cuda"):
-        return torch.optim.Adam(parameters, lr=lr, fused=True)
-    return torch.optim.Adam(parameters, lr=lr, foreach=True)
 
 
 class ScdeferNet(nn.Module):

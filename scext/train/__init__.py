@@ -2,9 +2,10 @@
 
 from ._data import dense_rows, iter_minibatches, map_minibatches
 from ._distributed import all_reduce_sum, average_gradients, broadcast_state, reduce_epoch_sums, shard, world
-from ._loop import train_loop
+from ._loop import adam, train_loop
 
 __all__ = [
+    "adam",
     "all_reduce_sum",
     "average_gradients",
     "broadcast_state",

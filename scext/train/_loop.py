@@ -109,3 +109,11 @@ def train_loop(
         history["best_epoch"] = [best_epoch]
     module.eval()
     return history
+
+
+def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with torch's fused kernel where it has one for `device` (CPU, CUDA), else the multi-tensor
+    (``foreach``) one: the same update as the default single-tensor loop, one kernel over all weights."""
+    if torch.device(device).type in ("cpu", "cuda"):
+        return torch.optim.Adam(parameters, lr=lr, fused=True)
+    return torch.optim.Adam(parameters, lr=lr, foreach=True)
