@@ -86,6 +86,8 @@ def main() -> None:
                 args.regularizers, args.schedules, args.seeds
             ):
                 n_epochs, lr = schedule.split(":")
+                # numba's first parallel call (UMAP, in the previous run) resets torch's OpenMP threads
+                torch.set_num_threads(args.threads)
                 start = time.perf_counter()
                 result = scext.tl.cellvgae(
                     adata,

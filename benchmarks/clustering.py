@@ -367,6 +367,10 @@ def main() -> None:
             for seed in args.seeds:
                 # Scanpy's pipeline timed again right before the tool: on a shared machine the load drifts
                 _, scanpy_now, _ = measured(scanpy_pipeline, adata, seed)
+                if args.threads is not None:
+                    # numba's first parallel call (in Scanpy's pipeline) resets the OpenMP thread count it
+                    # shares with torch to numba's own, so --threads is set again before every tool call
+                    torch.set_num_threads(args.threads)
                 (labels, extra), seconds, peak = measured(
                     run_tool, tool, adata, n_clusters, seed, args.device
                 )
