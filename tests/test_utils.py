@@ -6,7 +6,8 @@ import torch
 
 import scext
 from scext._utils import resolve_device, stratified_split
-from scext.train import adam, iter_minibatches, map_minibatches
+from scext._utils._device import keeps_torch_threads
+from scext.train import adam, iter_minibatches, map_minibatches, train_loop
 
 
 def test_synthetic_counts_plant_markers():
@@ -73,3 +74,29 @@ def test_adam_uses_torchs_fused_kernel_on_the_cpu():
     parameters = [torch.nn.Parameter(torch.zeros(3))]
     assert adam(parameters, 1e-3, torch.device("cpu")).defaults["fused"] is True
     assert adam(parameters, 1e-3, torch.device("meta")).defaults["foreach"] is True
+
+
+def test_tools_train_with_and_give_back_the_callers_torch_threads():
+    # numba's first parallel call (Scanpy, UMAP) resets the OpenMP thread count torch shares with it
+    caller = torch.get_num_threads()
+    other = 2 if caller == 1 else 1
+    module = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    seen = []
+
+    def step(batch):
+        seen.append(torch.get_num_threads())
+        return {"loss": module(batch[0]).pow(2).mean()}
+
+    @keeps_torch_threads
+    def tool():
+        torch.set_num_threads(other)  # what numba's OpenMP start does during preprocessing
+        train_loop(module, optimizer, step=step, batches=lambda: [(torch.ones(3, 2),)], n_epochs=2)
+        torch.set_num_threads(other)  # and during a read-out such as UMAP
+
+    try:
+        tool()
+        assert seen == [caller, caller]
+        assert torch.get_num_threads() == caller
+    finally:
+        torch.set_num_threads(caller)

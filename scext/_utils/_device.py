@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
 
 import torch
@@ -51,3 +53,38 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     elif resolved.type != "cpu":
         raise ValueError(f"device={device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'mps'.")
     return resolved
+
+
+# the caller's torch thread count while a tool decorated with `keeps_torch_threads` runs
+_CALLER_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("caller_threads", default=None)
+
+
+def keeps_torch_threads(function):
+    """Run `function` with torch's intra-op thread count held at the caller's, and give it back after.
+
+    The first parallel numba call of a process (Scanpy's ``normalize_total`` or ``neighbors``, pynndescent,
+    UMAP) starts numba's OpenMP layer, which resets the OpenMP thread count torch shares with it to numba's
+    own. A tool whose preprocessing or read-out makes that call would otherwise train with, and leave the
+    caller with, numba's count instead of the one set by ``torch.set_num_threads``.
+    `scext.train.train_loop` sets the caller's count again before training (`restore_caller_threads`).
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        token = _CALLER_THREADS.set(threads)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _CALLER_THREADS.reset(token)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    return wrapper
+
+
+def restore_caller_threads() -> None:
+    """Inside a `keeps_torch_threads` tool: set torch's thread count back to the caller's, if it moved."""
+    threads = _CALLER_THREADS.get()
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -24,6 +24,7 @@ from .._utils import (
 )
 from .._utils._arguments import renamed_arguments
 from .._utils._contract import check_adata, check_int, check_ints, check_number, claim_slots
+from .._utils._device import keeps_torch_threads
 from .._utils._genes import highly_variable_column, highly_variable_genes
 from .._utils._graph import knn_graph, leiden_codes, neighbors_graph, undirected_edges
 from .._utils._random import preserves_global_rng
@@ -44,6 +45,7 @@ _DEFAULT_HIDDEN = (128, 128, 50)
 
 
 @renamed_arguments(heads="n_heads")
+@keeps_torch_threads
 @preserves_global_rng
 @doc_params
 def cellvgae(
@@ -401,6 +403,7 @@ def cellvgae(
     return adata if copy else None
 
 
+@keeps_torch_threads
 @preserves_global_rng
 @doc_params
 def cellvgae_predict(

@@ -22,6 +22,7 @@ from .._utils import (
 )
 from .._utils._arguments import renamed_arguments
 from .._utils._contract import check_adata, check_int, check_ints, check_number, claim_slots
+from .._utils._device import keeps_torch_threads
 from .._utils._genes import highly_variable_column, highly_variable_genes, is_counts
 from .._utils._pca import principal_axes
 from .._utils._random import preserves_global_rng
@@ -43,6 +44,7 @@ HVG_MAX_CELLS = 100_000
 
 
 @renamed_arguments(alpha="student_t_dof")
+@keeps_torch_threads
 @preserves_global_rng
 @doc_params
 def cicl(
@@ -287,6 +289,7 @@ def cicl(
     return adata if copy else None
 
 
+@keeps_torch_threads
 @preserves_global_rng
 @doc_params
 def cicl_predict(

@@ -13,6 +13,7 @@ from .._docs import doc_params
 from .._utils import get_matrix, matrix_source, resolve_device, seed_everything, stratified_split
 from .._utils._arguments import renamed_arguments
 from .._utils._contract import check_adata, check_int, check_ints, check_number, claim_slots
+from .._utils._device import keeps_torch_threads
 from .._utils._random import preserves_global_rng
 from ..metrics import clustering_scores
 from ..models import Kratos, normalized_prior
@@ -25,6 +26,7 @@ SPLITS = ["train", "validation", "test", "unlabeled"]
 
 @renamed_arguments(pretrain_epochs="n_pretrain_epochs", init="weight_init")
 @rank_zero_logging
+@keeps_torch_threads
 @preserves_global_rng
 @doc_params
 def kratos(
@@ -260,6 +262,7 @@ def kratos(
 
 
 @renamed_arguments(batch_size="chunk_size")
+@keeps_torch_threads
 @preserves_global_rng
 @doc_params
 def kratos_predict(

@@ -14,6 +14,7 @@ from .. import __version__
 from .._settings import settings
 from .._utils import resolve_device, seed_everything
 from .._utils._contract import check_adata, check_int, check_number, claim_slots
+from .._utils._device import keeps_torch_threads
 from .._utils._random import preserves_global_rng
 from .._utils._warnings import warn
 from ..models import Kratos
@@ -23,6 +24,7 @@ from ..train import dense_rows
 METHODS = ("cw", "smoothgrad", "integrated_gradients")
 
 
+@keeps_torch_threads
 @preserves_global_rng
 def rank_genes_perturbation(
     adata: AnnData,

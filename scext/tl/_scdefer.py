@@ -13,6 +13,7 @@ from .._docs import doc_params
 from .._utils import dense_columns, get_matrix, matrix_source, resolve_device, row_blocks, seed_everything
 from .._utils._arguments import renamed_arguments
 from .._utils._contract import check_adata, check_int, check_ints, check_number, claim_slots
+from .._utils._device import keeps_torch_threads
 from .._utils._genes import check_counts, highly_variable_column, highly_variable_genes
 from .._utils._graph import knn_graph, neighbors_graph
 from .._utils._pca import principal_axes
@@ -25,6 +26,7 @@ from ._common import begin_prediction
 
 
 @renamed_arguments(alpha="fusion_weight", init="center_init")
+@keeps_torch_threads
 @preserves_global_rng
 @doc_params
 def scdefer(
@@ -395,6 +397,7 @@ def scdefer(
     return adata if copy else None
 
 
+@keeps_torch_threads
 @preserves_global_rng
 @doc_params
 def scdefer_predict(

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._settings import settings
+from .._utils._device import restore_caller_threads
 from ._distributed import average_gradients, broadcast_state, optimizer_parameters, reduce_epoch_sums, world
 
 StepFn = Callable[[tuple[torch.Tensor, ...]], Mapping[str, torch.Tensor]]
@@ -56,6 +57,7 @@ def train_loop(
     -------
     History: ``{term: [value per epoch]}``, plus ``"best_epoch"`` (0-based, one value) when early stopping.
     """
+    restore_caller_threads()  # numba may have reset torch's threads during the tool's preprocessing
     show = settings.progress_bar if progress_bar is None else progress_bar
     rank, world_size = world()
     sharded = distributed and world_size > 1
