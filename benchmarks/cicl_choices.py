@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
 import scanpy as sc
 import torch
+from _timing import fit_seconds
 from sklearn.metrics import adjusted_rand_score
 
 import scext
@@ -53,20 +53,8 @@ DEFAULT_CLUSTER_WEIGHT = 0.1
 
 def timed_run(adata, n_clusters: int, seed: int, **kwargs) -> tuple[float, float]:
     """ARI of one default call with `kwargs` changed, and the seconds its `Cicl.fit` took."""
-    seconds = []
-    fit = Cicl.fit
-
-    def timed_fit(self, *args, **kw):
-        start = time.perf_counter()
-        history = fit(self, *args, **kw)
-        seconds.append(time.perf_counter() - start)
-        return history
-
-    Cicl.fit = timed_fit
-    try:
+    with fit_seconds(Cicl) as seconds:
         result = scext.tl.cicl(adata, n_clusters, random_state=seed, copy=True, progress_bar=False, **kwargs)
-    finally:
-        Cicl.fit = fit
     return adjusted_rand_score(adata.obs["cell_type"], result.obs["cicl"]), seconds[0]
 
 
@@ -79,7 +67,6 @@ def compare(name: str, column: str, values, default, call_kwargs, args, header) 
         minibatches = -(-adata.n_obs // BATCH_SIZE)
         for seed in args.seeds:
             for value in values:
-                torch.set_num_threads(args.threads)  # numba's first parallel call would reset it
                 ari, seconds = timed_run(adata, n_clusters, seed, **call_kwargs(value, minibatches))
                 runs.append(
                     {"dataset": dataset, "seed": seed, column: value, "ari": ari, "fit_seconds": seconds}

@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import torch
+from _timing import fit_seconds
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -209,21 +210,9 @@ def run_tool(tool: str, adata, n_clusters: int, seed: int, device: str):
     """(labels, extra columns) of one tool run, or None when the tool does not apply to this data set."""
     common = {"random_state": seed, "device": device, "progress_bar": False, "copy": True}
     if tool == "cicl":
-        fit_seconds = []
-        fit = Cicl.fit
-
-        def timed_fit(self, *args, **kwargs):
-            start = time.perf_counter()
-            history = fit(self, *args, **kwargs)
-            fit_seconds.append(time.perf_counter() - start)
-            return history
-
-        Cicl.fit = timed_fit
-        try:
+        with fit_seconds(Cicl) as seconds:
             result = scext.tl.cicl(adata, n_clusters=n_clusters, **common)
-        finally:
-            Cicl.fit = fit
-        return result.obs["cicl"], {"fit_seconds": fit_seconds[0], "result": result}
+        return result.obs["cicl"], {"fit_seconds": seconds[0], "result": result}
     if tool == "cellvgae":
         from scext.tl._cellvgae import _cluster
 
