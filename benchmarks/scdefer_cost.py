@@ -1,12 +1,16 @@
 """Where a scDEFER training step spends its time, and its FLOP rate against the machine's fp32 matmul rate.
 
-    python benchmarks/scdefer_cost.py --dataset 10x_pbmc_top2000 --epochs 10 --out benchmarks/tables/scdefer_cost.md
+    python benchmarks/scdefer_cost.py --dataset 10x_pbmc_top2000 --epochs 10 --batch-sizes 0 1024 \\
+        --out benchmarks/tables/scdefer_cost.md
 
-Runs `scext.tl.scdefer` at its defaults except for the schedule: `--epochs` pretraining epochs (one
-full-graph step each) and no joint training. The FLOPs of one pretraining step (forward and backward) are
-counted by ``torch.utils.flop_counter`` (matrix products only; the elementwise ZINB terms are not counted),
-the seconds per step are the pretraining's wall time over the steps, and the fp32 matmul rate of this
-machine is measured in the same process (a 2,048 x 2,048 product, best of five). The profile lists the
+Runs `scext.tl.scdefer` at its defaults except for the schedule: `--epochs` pretraining epochs and no joint
+training, once per `--batch-sizes` entry (0: the full graph, one step per epoch; else Cluster-GCN
+minibatches of about that many cells). The FLOPs of the steps of one epoch (forward and backward) are
+counted by ``torch.utils.flop_counter`` (matrix products only; neither the elementwise ZINB terms nor the
+sparse propagation are counted) before training, and their mean is the FLOPs of a step (minibatches differ
+in size: "cells per step" is their mean); the seconds per step are the
+pretraining's wall time over the steps, and the fp32 matmul rate of this machine is measured in the same
+process (a 2,048 x 2,048 product, best of five). The profile lists the
 operators that took the most time over the timed steps (``torch.profiler``). Writes the figures as a
 Markdown table (``--out``) and prints the profile.
 """
@@ -43,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="10x_pbmc_top2000")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[0, 1024])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/tables/scdefer_cost.md"))
     args = parser.parse_args()
     adata = scext.datasets.load(args.dataset)
@@ -51,11 +56,15 @@ def main() -> None:
     train_loop = scdefer_model.train_loop
 
     def measuring_loop(module, optimizer, *, step, batches, n_epochs, **kwargs):
-        batch = next(iter(batches()))
+        # one epoch's steps, forward and backward, counted but not taken: the mean step of an epoch
+        epoch = list(batches())
         with FlopCounterMode(display=False) as counter:
-            step(batch)["loss"].backward()
+            for batch in epoch:
+                step(batch)["loss"].backward()
         optimizer.zero_grad(set_to_none=True)
-        measured["flops"] = counter.get_total_flops()
+        measured["steps"] = n_epochs * len(epoch)
+        measured["flops"] = counter.get_total_flops() / len(epoch)
+        measured["cells"] = sum(len(batch[0]) for batch in epoch) / len(epoch)
         with profile(activities=[ProfilerActivity.CPU]) as profiler:
             start = time.perf_counter()
             history = train_loop(module, optimizer, step=step, batches=batches, n_epochs=n_epochs, **kwargs)
@@ -63,25 +72,40 @@ def main() -> None:
         measured["profile"] = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
         return history
 
-    scdefer_model.train_loop = measuring_loop
-    try:
-        scext.tl.scdefer(
-            adata, n_types, n_pretrain_epochs=args.epochs, n_epochs=0, progress_bar=False, keep_model=False
-        )
-    finally:
-        scdefer_model.train_loop = train_loop
+    rows = []
+    for batch_size in args.batch_sizes:
+        schedule = {"training": "full"} if batch_size == 0 else {"batch_size": batch_size}
+        scdefer_model.train_loop = measuring_loop
+        try:
+            scext.tl.scdefer(
+                adata,
+                n_types,
+                n_pretrain_epochs=args.epochs,
+                n_epochs=0,
+                progress_bar=False,
+                keep_model=False,
+                **schedule,
+            )
+        finally:
+            scdefer_model.train_loop = train_loop
+        print(measured["profile"])
+        per_step = measured["seconds"] / measured["steps"]
+        achieved = measured["flops"] / per_step
+        rows.append((measured["cells"], measured["flops"], measured["steps"], per_step, achieved))
     rate = matmul_rate()
-    per_step = measured["seconds"] / args.epochs
-    print(measured["profile"])
-    achieved = measured["flops"] / per_step
     table = (
-        f"`python benchmarks/scdefer_cost.py --dataset {args.dataset} --epochs {args.epochs}` "
-        f"({platform.machine()}, {torch.get_num_threads()} torch threads)\n\n"
-        "| data set | cells | GFLOP per step (matrix products) | seconds per step | GFLOP/s | "
-        "fp32 matmul GFLOP/s, same process | share of it |\n|---|--:|--:|--:|--:|--:|--:|\n"
-        f"| {args.dataset} | {adata.n_obs:,} | {measured['flops'] / 1e9:.1f} | {per_step:.2f} | "
-        f"{achieved / 1e9:.1f} | {rate / 1e9:.1f} | {achieved / rate:.0%} |\n"
+        f"`python benchmarks/scdefer_cost.py --dataset {args.dataset} --epochs {args.epochs} --batch-sizes "
+        f"{' '.join(map(str, args.batch_sizes))}` ({platform.machine()}, {torch.get_num_threads()} torch "
+        "threads)\n\n"
+        "| data set | cells | cells per step | steps | GFLOP per step (matrix products) | seconds per step | "
+        "GFLOP/s | fp32 matmul GFLOP/s, same process | share of it |\n"
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|\n"
     )
+    for cells, flops, steps, per_step, achieved in rows:
+        table += (
+            f"| {args.dataset} | {adata.n_obs:,} | {cells:,.0f} | {steps} | {flops / 1e9:.1f} | {per_step:.3f} | "
+            f"{achieved / 1e9:.1f} | {rate / 1e9:.1f} | {achieved / rate:.0%} |\n"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
     print(table)

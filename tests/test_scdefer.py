@@ -113,7 +113,7 @@ def test_slots_and_shapes(trained):
     assert params["scext_version"] == scext.__version__
     assert params["n_genes"] == 60 and params["center_init"] == "kmeans" and params["fusion_weight"] == 0.1
     # "auto" trains a graph this small whole
-    assert params["training"] == "full" and params["n_parts"] == 1 and params["batch_size"] == 8192
+    assert params["training"] == "full" and params["n_parts"] == 1 and params["batch_size"] == 1024
     assert trained.uns["scdefer"]["n_clusters"] == len(labels.cat.categories)
 
 
@@ -374,6 +374,26 @@ def test_clusters_depend_on_the_direction_of_z_only():
         )
         for before, after in pairs:
             np.testing.assert_allclose(before, after, rtol=1e-5)
+
+
+def test_default_schedule_counts_optimizer_steps(toy):
+    """``None`` epochs: about 30 pretraining and 100 joint steps, whole epochs, however many minibatches an
+    epoch has; the targets are refreshed every `update_interval` (5) steps, on minibatches at epoch starts."""
+    whole, parts = toy.copy(), toy.copy()
+    schedule = {**TINY, "n_pretrain_epochs": None, "n_epochs": None}
+    scext.tl.scdefer(whole, 3, **schedule)  # 150 cells, at most 1,024 per batch: the full graph
+    # 150 cells in batches of about 40: 16 parts, 4 per batch, so 4 steps per epoch
+    scext.tl.scdefer(parts, 3, batch_size=40, **schedule)
+    for adata, mode, n_pretrain, n_joint, n_refreshes in (
+        (whole, "full", 30, 100, 20),  # steps 0, 5, ..., 95
+        (parts, "minibatch", 8, 25, 13),  # epoch starts at steps 0, 8, ..., 96
+    ):
+        params, history = adata.uns["scdefer"]["params"], adata.uns["scdefer"]["history"]
+        assert params["training"] == mode
+        assert (params["n_pretrain_epochs"], params["n_epochs"]) == (n_pretrain, n_joint)
+        assert len(history["pretrain_loss"]) == n_pretrain and len(history["loss"]) == n_joint
+        # the first refresh has nothing to compare with
+        assert len(history["assignment_change"]) == n_refreshes - 1
 
 
 def test_joint_training_stops_when_assignments_settle(toy):

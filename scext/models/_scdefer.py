@@ -354,6 +354,11 @@ CPU = torch.device("cpu")
 #: the z-scored input is clipped to +-this (`sc.pp.scale`'s max_value)
 MAX_SCALED = 10.0
 CENTER_INITS = ("kmeans", "spectral")
+# optimizer steps of the default schedule (pretraining, joint training at most): on minibatches the
+# epochs are as many as these steps need, so a large data set is not trained longer for being large
+# (benchmarks/tables/scdefer_schedule.md)
+PRETRAIN_STEPS = 30
+JOINT_STEPS = 100
 
 
 def graph_operators(edges: torch.Tensor, n_cells: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,6 +383,8 @@ class ScdeferTraining(NamedTuple):
     means: np.ndarray | None
     center_init: str
     n_parts: int
+    n_pretrain_epochs: int
+    n_epochs: int  # the most joint epochs (training may stop earlier)
 
 
 class Scdefer(Model):
@@ -548,8 +555,8 @@ class Scdefer(Model):
         graph: sp.csr_matrix,
         *,
         gammas: Sequence[float] = (0.3, 0.1, 0.5, 0.1),
-        n_pretrain_epochs: int = 30,
-        n_epochs: int = 100,
+        n_pretrain_epochs: int | None = None,
+        n_epochs: int | None = None,
         pretrain_lr: float = 1e-3,
         lr: float = 1e-4,
         update_interval: int = 5,
@@ -557,7 +564,7 @@ class Scdefer(Model):
         center_init: str = "kmeans",
         denoised: bool = True,
         training: str = "full",
-        batch_size: int = 8192,
+        batch_size: int = 1024,
         max_reference_cells: int = MAX_REFERENCE_CELLS,
         device: str | torch.device = CPU,
         generator: torch.Generator | None = None,
@@ -582,6 +589,11 @@ class Scdefer(Model):
             ``"leiden"``: K and centres from Leiden clusters of the pretrained Z.
         denoised
             Also return the ZINB means ``(1 - pi) mu`` of the training cells (with ZINB only).
+        n_pretrain_epochs, n_epochs
+            ``None``: whole epochs of at least `PRETRAIN_STEPS` and `JOINT_STEPS` optimizer steps.
+        update_interval
+            Optimizer steps between refreshes of the targets P (on minibatches at the first epoch start
+            after that many steps, since P needs Q of every cell).
         training, batch_size
             ``"full"`` graph, or Cluster-GCN ``"minibatch"`` of about `batch_size` cells.
         generator
@@ -605,6 +617,11 @@ class Scdefer(Model):
         if training == "minibatch":
             n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
             parts = graph_partition(log_expression, n_parts, random_state=random_state)
+        steps_per_epoch = -(-n_parts // parts_per_batch)
+        if n_pretrain_epochs is None:
+            n_pretrain_epochs = -(-PRETRAIN_STEPS // steps_per_epoch)
+        if n_epochs is None:
+            n_epochs = -(-JOINT_STEPS // steps_per_epoch)
         # whole: dense on the device; minibatches: a batch at a time (counts densified there too)
         cells = CellGraph(
             features,
@@ -672,7 +689,8 @@ class Scdefer(Model):
         del z
         self.n_clusters = int(net.centers.shape[0])
 
-        targets: dict[str, object] = {"epoch": 0, "labels": None, "converged": False}
+        # "step": joint steps taken; "refreshed": the step of the last refresh of P
+        targets: dict[str, object] = {"step": 0, "refreshed": None, "labels": None, "converged": False}
         history["assignment_change"] = []
 
         def refresh(q: torch.Tensor, q_d: torch.Tensor, q_g: torch.Tensor) -> None:
@@ -684,18 +702,19 @@ class Scdefer(Model):
                 history["assignment_change"].append(change)
                 targets["converged"] = change < tol
             targets["labels"] = labels
+            targets["refreshed"] = targets["step"]
 
         def joint_step(batch):
             z, z_d, z_g = encode(batch)
             q, q_d, q_g = soft_assignments(net, z, z_d, z_g)
             index = batch[-1]
             if index is None:  # the whole graph: this step's Q is every cell's, no extra pass needed
-                if targets["epoch"] % update_interval == 0:
+                if refresh_due():
                     refresh(q.detach(), q_d.detach(), q_g.detach())
-                targets["epoch"] += 1
                 p, p_d, p_g = targets["p"]
             else:
                 p, p_d, p_g = (t[index] for t in targets["p"])
+            targets["step"] += 1
             loss, terms = reconstruction(z, batch)
             terms["kl"] = kl_target(q, p)
             # eq. 19-20, one cross-entropy per encoder built (with one, Q_D and Q_G are the same)
@@ -707,12 +726,14 @@ class Scdefer(Model):
             loss = loss + g_kl * terms["kl"] + g_bce * cross_entropy
             return {"loss": loss, **terms}
 
+        def refresh_due() -> bool:
+            return targets["refreshed"] is None or targets["step"] - targets["refreshed"] >= update_interval
+
         def joint_batches():
-            if training == "minibatch":
-                # P divides by the soft cluster frequencies, which only Q of all cells gives
-                if targets["epoch"] % update_interval == 0:
-                    refresh(*cells.map(lambda batch: soft_assignments(net, *encode(batch)), device))
-                targets["epoch"] += 1
+            # P divides by the soft cluster frequencies, which only Q of all cells gives: on minibatches
+            # the refresh is an extra pass over all cells, at the start of an epoch
+            if training == "minibatch" and refresh_due():
+                refresh(*cells.map(lambda batch: soft_assignments(net, *encode(batch)), device))
             return cells.training_batches()
 
         if n_epochs:
@@ -744,7 +765,9 @@ class Scdefer(Model):
         self.reference = ReferenceCells.sample(
             features, graph, max_reference_cells, np.random.default_rng(random_state)
         )
-        return ScdeferTraining(history, embedding, proba, labels, means, center_init, n_parts)
+        return ScdeferTraining(
+            history, embedding, proba, labels, means, center_init, n_parts, n_pretrain_epochs, n_epochs
+        )
 
     # ------------------------------------------------------------------ new cells
     def _check_trained(self) -> None:

@@ -28,12 +28,15 @@ MAX_FULL_GRAPH_CELLS = 50_000
 PARTS_PER_BATCH = 4
 
 
-def graph_training_mode(training: str, n_cells: int) -> str:
-    """``"full"`` or ``"minibatch"`` for a tool's `training` argument (``"auto"``, ``"full"``, ``"minibatch"``)."""
+def graph_training_mode(training: str, n_cells: int, max_full_graph_cells: int = MAX_FULL_GRAPH_CELLS) -> str:
+    """``"full"`` or ``"minibatch"`` for a tool's `training` argument (``"auto"``, ``"full"``, ``"minibatch"``).
+
+    ``"auto"`` trains on the full graph up to `max_full_graph_cells` cells.
+    """
     if training not in ("auto", "full", "minibatch"):
         raise ValueError(f"training={training!r} is unknown; choose 'auto', 'full' or 'minibatch'.")
     if training == "auto":
-        return "full" if n_cells <= MAX_FULL_GRAPH_CELLS else "minibatch"
+        return "full" if n_cells <= max_full_graph_cells else "minibatch"
     return training
 
 
