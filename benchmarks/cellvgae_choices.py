@@ -11,13 +11,15 @@ steps), `scext.tl.cellvgae` is trained at its other defaults without clustering,
 with the true K (what ``n_clusters=K`` returns), and Leiden at resolution 1 and 0.3 on a 15-NN graph of
 mu. Labels are read only to score: ARI of each read-out, and the label purity of the 5-NN graph the encoder
 was trained on and of the 5-NN graph of mu (the fraction of neighbour pairs that share a label), which says
-whether the graph or the read-out loses the clusters. Prints one table and writes one CSV row per run.
+whether the graph or the read-out loses the clusters. Writes one CSV row per run and a Markdown table of
+means and spreads over the seeds next to it (``.md``).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import platform
 import time
 import warnings
 from pathlib import Path
@@ -143,12 +145,36 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
-    summary = (
-        table.groupby(["dataset", "genes", "regularizer", "schedule"])
-        .mean(numeric_only=True)
-        .drop(columns="seed")
+    grouped = table.drop(columns="seed").groupby(["dataset", "genes", "regularizer", "schedule"], sort=False)
+    spread = grouped.std(ddof=1).fillna(0).round(3).astype(str)
+    summary = grouped.mean().round(3).astype(str) + " ± " + spread
+    for column in ("graph_purity", "seconds"):  # one value per data set, or no spread worth printing
+        summary[column] = grouped[column].mean().round(3 if column == "graph_purity" else 1).astype(str)
+    command = "python benchmarks/cellvgae_choices.py " + " ".join(
+        [
+            "--datasets",
+            *args.datasets,
+            "--seeds",
+            *map(str, args.seeds),
+            "--genes",
+            *map(str, args.genes),
+            "--regularizers",
+            *args.regularizers,
+            "--schedules",
+            *args.schedules,
+            "--threads",
+            str(args.threads),
+            "--out",
+            str(out),
+        ]
     )
-    print(summary.round(3).to_markdown())
+    markdown = (
+        f"`{command}` ({platform.machine()}, {args.threads} torch thread(s); mean ± sd over seeds)\n\n"
+        + summary.reset_index().to_markdown(index=False)
+        + "\n"
+    )
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def test_slots(trained):
     assert trained.var["cellvgae_feature"].all()
     params = trained.uns["cellvgae"]["params"]
     assert params["conv"] == "gat" and params["device"] == "cpu"
-    assert params["training"] == "full" and params["batch_size"] == 8192  # "auto" on 240 cells
+    assert params["training"] == "full" and params["batch_size"] == 1024  # "auto" on 240 cells
     assert params["n_parts"] == 1
     markers = trained.uns["cellvgae"]["marker_genes"]
     assert set(markers.columns) >= {"cluster", "gene", "appearances"}
@@ -153,6 +153,20 @@ def test_chunked_layerwise_inference_equals_one_full_graph_pass(toy, conv):
 
     np.testing.assert_allclose(dense(attention), dense(one_pass), atol=1e-6)
     np.testing.assert_allclose(dense(attention).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_default_schedule_counts_optimizer_steps(toy):
+    """``n_epochs=None``: about 50 optimizer steps in whole epochs, one per epoch on the full graph, one per
+    minibatch above `batch_size` cells (``training="auto"``)."""
+    schedule = {**SMALL, "n_epochs": None, "cluster_method": None}
+    whole, parts = toy.copy(), toy.copy()
+    scext.tl.cellvgae(whole, **schedule)
+    # 240 cells in batches of about 80: 12 parts, 4 per batch, so 3 steps per epoch
+    scext.tl.cellvgae(parts, batch_size=80, **schedule)
+    for adata, mode, n_epochs in ((whole, "full", 50), (parts, "minibatch", 17)):
+        params = adata.uns["cellvgae"]["params"]
+        assert params["training"] == mode and params["n_epochs"] == n_epochs
+        assert len(adata.uns["cellvgae"]["history"]["loss"]) == n_epochs
 
 
 def test_minibatch_training_separates_planted_communities(toy):

@@ -29,6 +29,9 @@ PLACEMENT_METRICS = ("euclidean", "correlation")
 #: nearest reference cells (in mu) whose clusters vote for a new cell's cluster
 VOTE_NEIGHBORS = 15
 CPU = torch.device("cpu")
+# optimizer steps of the default schedule: 50 full-graph epochs up to `batch_size` cells, as many steps in
+# whole epochs of minibatches above (benchmarks/tables/cellvgae_minibatch.md)
+DEFAULT_STEPS = 50
 # as in torch-geometric's VGAE: exp(log sigma) stays finite in float32
 MAX_LOG_STD = 10.0
 
@@ -316,6 +319,8 @@ class CellVGAETraining(NamedTuple):
     mode: str
     #: graph parts of Cluster-GCN training (1 for full-graph training)
     n_parts: int
+    #: epochs trained
+    n_epochs: int
 
 
 class CellVGAE(Model):
@@ -421,10 +426,10 @@ class CellVGAE(Model):
         *,
         regularizer: str = "kl",
         regularizer_weight: float | None = None,
-        n_epochs: int = 50,
+        n_epochs: int | None = None,
         lr: float = 1e-3,
         training: str = "auto",
-        batch_size: int = 8192,
+        batch_size: int = 1024,
         attention_layer: int | None = None,
         max_reference_cells: int = MAX_REFERENCE_CELLS,
         device: torch.device = CPU,
@@ -438,7 +443,8 @@ class CellVGAE(Model):
 
         `matrix` is the training cells x `var_names` (dense, CSR, or backed; scaled a minibatch at a time),
         `graph` the symmetric cells x cells adjacency. Training is full-graph or on Cluster-GCN minibatches
-        (`scext.tl.cellvgae`, `training` and `batch_size`). The weights and random pairs draw from torch's
+        (`scext.tl.cellvgae`, `training` and `batch_size`); ``n_epochs=None`` trains whole epochs of at least
+        `DEFAULT_STEPS` optimizer steps. The weights and random pairs draw from torch's
         global generator (seed it, e.g. with `scext._utils.seed_everything`, before building the model), the
         minibatch order from `generator` and the reference sample from `rng` (both default to generators
         seeded with `random_state`, which also seeds the graph partition).
@@ -463,7 +469,7 @@ class CellVGAE(Model):
             raise ValueError(f"regularizer={regularizer!r} is unknown; choose one of {REGULARIZERS}.")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1.")
-        mode = graph_training_mode(training, n_cells)
+        mode = graph_training_mode(training, n_cells, batch_size)
         if generator is None:
             generator = torch.Generator()
             generator.manual_seed(int(random_state))
@@ -473,6 +479,7 @@ class CellVGAE(Model):
         self.fit_scaler(matrix)
         node_features = ScaledColumns(matrix, self.low, self.range)
         parts = parts_per_batch = None
+        n_parts = 1
         if mode == "minibatch":
             n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
             parts = graph_partition(node_features, n_parts, random_state=random_state)
@@ -487,6 +494,8 @@ class CellVGAE(Model):
             else regularizer_weight
         )
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        if n_epochs is None:
+            n_epochs = -(-DEFAULT_STEPS // -(-n_parts // (parts_per_batch or 1)))
 
         def batches():
             if mode == "full":
@@ -530,7 +539,7 @@ class CellVGAE(Model):
         self.reference = ReferenceCells.sample(node_features, graph, max_reference_cells, rng)
         self.categories = self.reference_codes = None
         n_parts = int(len(np.unique(parts))) if parts is not None else 1
-        return CellVGAETraining(history, mu.cpu().numpy(), attention, mode, n_parts)
+        return CellVGAETraining(history, mu.cpu().numpy(), attention, mode, n_parts, n_epochs)
 
     def set_clusters(self, labels) -> None:
         """Keep the clusters of the training cells (one label per training cell) for `predict`."""
