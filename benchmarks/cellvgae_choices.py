@@ -36,6 +36,8 @@ import scext
 from scext._utils._genes import highly_variable_genes
 from scext._utils._graph import knn_graph
 from scext.tl._cellvgae import _cluster
+from scext.train._graph_batches import batches_per_epoch, partition_plan
+from scext.train._loop import epochs_for_steps
 
 
 def log_normalised(name: str) -> ad.AnnData:
@@ -96,8 +98,8 @@ def main() -> None:
                 n_epochs, lr, *batch = schedule.split(":")
                 schedule_arguments = {"training": "full"}
                 if batch:  # minibatches: whole epochs of at least n_epochs steps
-                    n_batches = -(-adata.n_obs // int(batch[0]))
-                    n_epochs = -(-int(n_epochs) // n_batches)
+                    n_parts, parts_per_batch = partition_plan(adata.n_obs, int(batch[0]))
+                    n_epochs = epochs_for_steps(int(n_epochs), batches_per_epoch(n_parts, parts_per_batch))
                     schedule_arguments = {"training": "minibatch", "batch_size": int(batch[0])}
                 # numba's first parallel call (UMAP, in the previous run) resets torch's OpenMP threads
                 torch.set_num_threads(args.threads)

@@ -36,6 +36,7 @@ from sklearn.metrics import adjusted_rand_score
 import scext
 from scext.models import Cicl
 from scext.tl._cicl import DEFAULT_STEPS
+from scext.train._loop import epochs_for_steps
 
 # CICL's defaults were chosen on the first four; the last three were held out
 DATASETS = [
@@ -132,7 +133,7 @@ def main() -> None:
             "step",
             args.steps,
             DEFAULT_STEPS,
-            lambda steps, minibatches: {"n_epochs": -(-steps // minibatches)},
+            lambda steps, minibatches: {"n_epochs": epochs_for_steps(steps, minibatches)},
             args,
             lambda steps: f"{steps} steps",
         )

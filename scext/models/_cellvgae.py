@@ -18,6 +18,7 @@ from torch import nn
 
 from .._utils import ScaledColumns, column_min_max, resolve_device
 from ..train import dense_rows, train_loop
+from ..train._loop import epochs_for_steps
 from ._base import Model
 from ._edges import edge_logits, sample_pairs
 from ._reference import MAX_REFERENCE_CELLS, ReferenceCells, nearest_rows, vote
@@ -451,6 +452,7 @@ class CellVGAE(Model):
         """
         from .._utils._graph import edge_index
         from ..train._graph_batches import (
+            batches_per_epoch,
             graph_partition,
             graph_training_mode,
             induced_edges,
@@ -479,9 +481,10 @@ class CellVGAE(Model):
         self.fit_scaler(matrix)
         node_features = ScaledColumns(matrix, self.low, self.range)
         parts = parts_per_batch = None
-        n_parts = 1
+        steps_per_epoch = 1
         if mode == "minibatch":
             n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
+            steps_per_epoch = batches_per_epoch(n_parts, parts_per_batch)
             parts = graph_partition(node_features, n_parts, random_state=random_state)
             x = None
         else:
@@ -495,7 +498,7 @@ class CellVGAE(Model):
         )
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         if n_epochs is None:
-            n_epochs = -(-DEFAULT_STEPS // -(-n_parts // (parts_per_batch or 1)))
+            n_epochs = epochs_for_steps(DEFAULT_STEPS, steps_per_epoch)
 
         def batches():
             if mode == "full":

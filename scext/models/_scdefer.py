@@ -25,7 +25,8 @@ from .._utils._arguments import renamed_arguments
 from .._utils._genes import check_counts
 from .._utils._graph import edge_index, leiden_codes
 from ..train import adam, train_loop
-from ..train._graph_batches import CellGraph, graph_partition, partition_plan
+from ..train._graph_batches import CellGraph, batches_per_epoch, graph_partition, partition_plan
+from ..train._loop import epochs_for_steps
 from ._base import Model
 from ._edges import edge_logits, sample_pairs
 from ._kmeans import kmeans, student_t
@@ -617,11 +618,11 @@ class Scdefer(Model):
         if training == "minibatch":
             n_parts, parts_per_batch = partition_plan(n_cells, batch_size)
             parts = graph_partition(log_expression, n_parts, random_state=random_state)
-        steps_per_epoch = -(-n_parts // parts_per_batch)
+        steps_per_epoch = batches_per_epoch(n_parts, parts_per_batch)
         if n_pretrain_epochs is None:
-            n_pretrain_epochs = -(-PRETRAIN_STEPS // steps_per_epoch)
+            n_pretrain_epochs = epochs_for_steps(PRETRAIN_STEPS, steps_per_epoch)
         if n_epochs is None:
-            n_epochs = -(-JOINT_STEPS // steps_per_epoch)
+            n_epochs = epochs_for_steps(JOINT_STEPS, steps_per_epoch)
         # whole: dense on the device; minibatches: a batch at a time (counts densified there too)
         cells = CellGraph(
             features,

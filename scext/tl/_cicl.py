@@ -29,6 +29,7 @@ from .._utils._random import preserves_global_rng
 from ..models import Cicl
 from ..models._base import params_record
 from ..models._cicl import HOMOGENEOUS_SCALE, balanced_batch_size, smallest_batch
+from ..train._loop import epochs_for_steps
 from ._common import begin_prediction
 
 # below this many genes a transformer over genes-as-features has too little to attend with
@@ -364,8 +365,7 @@ def _slots(key_added: str) -> list[tuple[str, str]]:
 
 def default_n_epochs(n_cells: int, batch_size: int) -> int:
     """Epochs that ``n_epochs=None`` trains: at least DEFAULT_STEPS optimizer steps, whole epochs."""
-    steps_per_epoch = -(-n_cells // batch_size)
-    return -(-DEFAULT_STEPS // steps_per_epoch)
+    return epochs_for_steps(DEFAULT_STEPS, -(-n_cells // batch_size))
 
 
 def _check_arguments(n_clusters, n_cells, batch_size, n_top_genes, preprocess, cluster_weight, n_epochs):

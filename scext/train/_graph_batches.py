@@ -48,6 +48,11 @@ def partition_plan(n_cells: int, batch_size: int) -> tuple[int, int]:
     return min(n_cells, n_batches * PARTS_PER_BATCH), PARTS_PER_BATCH
 
 
+def batches_per_epoch(n_parts: int, parts_per_batch: int) -> int:
+    """Minibatches (optimizer steps) of one epoch of `partition_batches` over a `partition_plan`."""
+    return -(-n_parts // parts_per_batch)
+
+
 def graph_partition(
     coordinates, n_parts: int, *, n_components: int = 50, random_state: int = 0
 ) -> np.ndarray:

@@ -119,3 +119,9 @@ def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
     if torch.device(device).type in ("cpu", "cuda"):
         return torch.optim.Adam(parameters, lr=lr, fused=True)
     return torch.optim.Adam(parameters, lr=lr, foreach=True)
+
+
+def epochs_for_steps(steps: int, steps_per_epoch: int) -> int:
+    """Whole epochs of `steps_per_epoch` optimizer steps that take at least `steps` steps: the tools'
+    ``n_epochs=None`` schedules count steps, so a larger data set is not trained longer for being larger."""
+    return -(-int(steps) // int(steps_per_epoch))
