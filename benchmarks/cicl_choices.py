@@ -1,7 +1,8 @@
-"""CICL's open choices at the defaults: training length and the cluster-aware loss weight, seven data sets.
+"""CICL's open choices at the defaults: training length, cluster-aware loss weight and temperature.
 
     python benchmarks/cicl_choices.py --steps 0 25 50 100 200 300 --seeds 0 1 2
     python benchmarks/cicl_choices.py --cluster-weights 0 0.1 1 --seeds 0 1 2
+    python benchmarks/cicl_choices.py --temperatures 0.2 0.5 1 --seeds 0 1 2
 
 Every run is the default call ``scext.tl.cicl(adata, n_clusters=K, random_state=seed, ...)`` with one argument
 changed, scored on the labels it returns (the final K-means on H) against ``obs["cell_type"]``.
@@ -11,6 +12,8 @@ changed, scored on the labels it returns (the final K-means on H) against ``obs[
   prefix of the longer one's steps. Writes ``cicl_schedule`` tables.
 - ``--cluster-weights L ...``: ``cluster_weight=L`` (lambda of eq. 17; 0 drops the cluster-aware loss, the
   paper's ablation of Fig. 5-6). Writes ``cicl_cluster_weight`` tables.
+- ``--temperatures T ...``: ``temperature=T`` (tau of the instance-wise InfoNCE, eq. 13-14, and of the
+  cluster-aware loss, eq. 15-16). Writes ``cicl_temperature`` tables.
 
 The labels are read only to score finished runs; these tables inform one default for every data set, never
 a per-set setting. For each comparison: ``<name>.csv`` (mean and standard deviation over seeds per data set
@@ -22,6 +25,7 @@ seed) in ``--out-dir``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import platform
 from importlib.metadata import version
@@ -48,8 +52,8 @@ DATASETS = [
     "mouse_bladder_top2000",
     "paul15",
 ]
-BATCH_SIZE = 256  # tl.cicl's default
-DEFAULT_CLUSTER_WEIGHT = 0.1
+DEFAULTS = {name: p.default for name, p in inspect.signature(scext.tl.cicl).parameters.items()}
+BATCH_SIZE = DEFAULTS["batch_size"]
 
 
 def timed_run(adata, n_clusters: int, seed: int, **kwargs) -> tuple[float, float]:
@@ -119,12 +123,13 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=DATASETS)
     parser.add_argument("--steps", nargs="+", type=int, default=None, help="training lengths to compare")
     parser.add_argument("--cluster-weights", nargs="+", type=float, default=None, help="lambdas to compare")
+    parser.add_argument("--temperatures", nargs="+", type=float, default=None, help="temperatures to compare")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/tables"))
     args = parser.parse_args()
-    if args.steps is None and args.cluster_weights is None:
-        parser.error("give --steps, --cluster-weights or both")
+    if args.steps is None and args.cluster_weights is None and args.temperatures is None:
+        parser.error("give at least one of --steps, --cluster-weights and --temperatures")
     torch.set_num_threads(args.threads)
     sc.settings.verbosity = 0
     if args.steps is not None:
@@ -142,10 +147,20 @@ def main() -> None:
             "cicl_cluster_weight",
             "cluster_weight",
             args.cluster_weights,
-            DEFAULT_CLUSTER_WEIGHT,
+            DEFAULTS["cluster_weight"],
             lambda weight, _: {"cluster_weight": weight},
             args,
             lambda weight: f"lambda {weight:g}",
+        )
+    if args.temperatures is not None:
+        compare(
+            "cicl_temperature",
+            "temperature",
+            args.temperatures,
+            DEFAULTS["temperature"],
+            lambda temperature, _: {"temperature": temperature},
+            args,
+            lambda temperature: f"tau {temperature:g}",
         )
 
 
