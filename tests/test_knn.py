@@ -6,7 +6,7 @@ import scipy.sparse as sp
 import torch
 
 from scext._utils import _graph
-from scext._utils._graph import knn_graph, knn_indices
+from scext._utils._graph import exact_neighbor_distances, knn_graph, knn_indices
 
 
 def _blobs(n_cells: int, n_dims: int, n_clusters: int = 10, seed: int = 0) -> np.ndarray:
@@ -35,6 +35,32 @@ def test_torch_equals_exact(monkeypatch):
     monkeypatch.setattr(_graph, "TORCH_KNN_BLOCK_ELEMENTS", 500 * 7)
     assert np.array_equal(knn_indices(data, 10, method="torch"), exact)
     assert _edges(knn_graph(data, 10, method="torch")) == _edges(knn_graph(data, 10, method="exact"))
+
+
+def test_exact_neighbor_distances_match_brute_force_with_self_first(monkeypatch):
+    from scipy.spatial.distance import cdist
+    from threadpoolctl import threadpool_limits
+
+    # far from the origin, where a float32 expansion would already swap near-tied neighbours
+    data = _blobs(400, 50) + 1000.0
+    data[7] = data[3]  # an exact duplicate must not displace the cell itself
+    indices, distances = exact_neighbor_distances(data, 30)
+    assert indices.shape == distances.shape == (400, 30)
+    assert np.array_equal(indices[:, 0], np.arange(400))
+    assert indices[3, 1] == 7 and indices[7, 1] == 3 and distances[3, 1] == 0.0
+    # direct differences as reference (scikit-learn's expansion is off by 2e-4 this far out, even in float64)
+    full = cdist(data.astype(np.float64), data.astype(np.float64))
+    np.fill_diagonal(full, -1.0)
+    truth = np.argsort(full, axis=1, kind="stable")[:, :30]
+    assert np.array_equal(indices[:, 2:], truth[:, 2:])
+    np.testing.assert_allclose(distances, np.take_along_axis(np.maximum(full, 0.0), indices, 1), rtol=1e-12)
+    # same bits under any BLAS thread count and any chunking: UMAP turns a last-bit change into another layout
+    with threadpool_limits(limits=1):
+        one_thread = exact_neighbor_distances(data, 30)
+    monkeypatch.setattr(_graph, "TORCH_KNN_BLOCK_ELEMENTS", 8 * 400 * 60 * 7)
+    chunked = exact_neighbor_distances(data, 30)
+    for other in (one_thread, chunked):
+        assert np.array_equal(other[0], indices) and np.array_equal(other[1], distances)
 
 
 def test_torch_exact_despite_large_norms():

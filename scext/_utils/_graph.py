@@ -137,6 +137,40 @@ def _torch_knn(data: np.ndarray, k: int, device: torch.device) -> np.ndarray:
     return indices
 
 
+def exact_neighbor_distances(data: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's `n_neighbors` nearest rows, itself first, and their Euclidean distances (UMAP's
+    ``precomputed_knn``), exact and the same bits under any thread count.
+
+    Candidates come from a float64 matrix-product expansion; the kept distances are then computed from direct
+    float64 differences and ranked, so neither the thread count's BLAS blocking nor the expansion's
+    cancellation reaches the neighbours or their distances. Quadratic work: for data up to a few thousand
+    rows.
+    """
+    x = np.asarray(data, dtype=np.float64)
+    n_cells = x.shape[0]
+    if not 1 <= n_neighbors <= n_cells:
+        raise ValueError(f"n_neighbors={n_neighbors} must be between 1 and the number of rows ({n_cells}).")
+    x = x - x.mean(axis=0)
+    squared_norms = np.einsum("ij,ij->i", x, x)
+    n_candidates = min(n_cells, 2 * n_neighbors)
+    chunk = max(1, TORCH_KNN_BLOCK_ELEMENTS // 8 // max(n_cells, n_candidates * x.shape[1]))
+    indices = np.empty((n_cells, n_neighbors), dtype=np.int64)
+    distances = np.empty((n_cells, n_neighbors), dtype=np.float64)
+    for start in range(0, n_cells, chunk):
+        stop = min(start + chunk, n_cells)
+        rows = np.arange(stop - start)
+        block = squared_norms[None, :] - 2.0 * (x[start:stop] @ x.T)
+        # each cell pinned first, so that an exact duplicate never displaces it
+        block[rows, rows + start] = -np.inf
+        candidates = np.argpartition(block, n_candidates - 1, axis=1)[:, :n_candidates]
+        direct = np.square(x[candidates] - x[start:stop, None, :]).sum(axis=2)
+        direct[candidates == (rows + start)[:, None]] = -1.0
+        order = np.lexsort((candidates, direct), axis=1)[:, :n_neighbors]
+        indices[start:stop] = np.take_along_axis(candidates, order, axis=1)
+        distances[start:stop] = np.sqrt(np.maximum(np.take_along_axis(direct, order, axis=1), 0.0))
+    return indices, distances
+
+
 def _drop_self(indices: np.ndarray, n_neighbors: int) -> np.ndarray:
     n_cells = indices.shape[0]
     is_self = indices == np.arange(n_cells)[:, None]

@@ -17,7 +17,7 @@ from anndata import AnnData
 from torch import nn
 
 from .._utils import ScaledColumns, column_min_max, resolve_device
-from ..train import dense_rows, train_loop
+from ..train import adam, dense_rows, train_loop
 from ..train._loop import epochs_for_steps
 from ._base import Model
 from ._edges import edge_logits, sample_pairs
@@ -496,7 +496,7 @@ class CellVGAE(Model):
             if regularizer_weight is None
             else regularizer_weight
         )
-        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        optimizer = adam(net.parameters(), lr, device)
         if n_epochs is None:
             n_epochs = epochs_for_steps(DEFAULT_STEPS, steps_per_epoch)
 
