@@ -45,7 +45,9 @@ from ..train._graph_batches import graph_training_mode
 from ._common import begin_prediction
 
 GRAPHS = ("knn", "pknn")
-CLUSTER_METHODS = ("hdbscan", "leiden")
+CLUSTER_METHODS = ("hdbscan", "umap_hdbscan", "leiden")
+# HDBSCAN in mu's dimensions grows about quadratically with the cells (11 s for 20,000 cells on 2 cores)
+HDBSCAN_WARN_CELLS = 50_000
 NOISE = "noise"
 #: encoder widths before `hidden_sizes` held the latent size (the paper's 128, 128; latent 50 apart)
 _OLD_DEFAULT_HIDDEN = (128, 128)
@@ -97,9 +99,9 @@ def cellvgae(
 
     CellVGAE encodes each cell's (min-max scaled) expression over a cell graph with graph-attention layers,
     samples ``z ~ N(mu, sigma^2)`` and reconstructs the graph's edges with an inner-product decoder,
-    regularised by a KL or MMD term. The embedding is ``mu``. Clusters are HDBSCAN's on a UMAP of ``mu``
-    (the paper's procedure; cells it leaves unassigned are labelled ``"noise"``), or Leiden's on a kNN
-    graph of ``mu``. Training is full-graph up to `batch_size` cells and on Cluster-GCN minibatches beyond
+    regularised by a KL or MMD term. The embedding is ``mu``. Clusters are HDBSCAN's on ``mu`` (the
+    paper's clustering; cells it leaves unassigned are labelled ``"noise"``), or Leiden's on a kNN graph of
+    ``mu``. Training is full-graph up to `batch_size` cells and on Cluster-GCN minibatches beyond
     (see `training`); no label is read. `scext.tl.cellvgae_predict` embeds and clusters new cells with the
     trained model. The :doc:`CellVGAE page </methods/cellvgae>` gives the equations and scext's choices.
 
@@ -161,9 +163,12 @@ def cellvgae(
         run of lowest inertia; `scext.models.kmeans`), exactly `n_clusters` clusters and no noise label.
         ``None``: clusters are found by `cluster_method`.
     cluster_method
-        Used when `n_clusters` is None: ``"hdbscan"`` (scikit-learn's, on a 2-D UMAP of mu with ``n_neighbors=30, min_dist=0``) or
-        ``"leiden"`` (on a 15-nearest-neighbour graph of mu). ``None`` skips clustering, which can take
-        longer than training on an atlas; cluster afterwards with ``sc.pp.neighbors(adata,
+        Used when `n_clusters` is None: ``"hdbscan"`` (scikit-learn's HDBSCAN on mu itself, whose
+        clusters barely move with the thread count, :ref:`bench-cellvgae-readout`; its time grows about with
+        the square of the cells, 11 s for 20,000), ``"umap_hdbscan"`` (HDBSCAN on a 2-D UMAP of mu with
+        ``n_neighbors=30, min_dist=0``, the former default, whose clusters change with last-bit
+        differences of mu) or ``"leiden"`` (on a 15-nearest-neighbour graph of mu). ``None`` skips
+        clustering, which can take longer than training on an atlas; cluster afterwards with ``sc.pp.neighbors(adata,
         use_rep="X_cellvgae")`` and ``sc.tl.leiden``. The model of an unclustered run embeds new cells but
         cannot predict their clusters.
     min_cluster_size
@@ -373,7 +378,7 @@ def cellvgae(
         n_parts=fitted.n_parts,
         n_epochs=fitted.n_epochs,
         min_cluster_size=_min_cluster_size(min_cluster_size, n_cells)
-        if cluster_method == "hdbscan" and n_clusters is None
+        if cluster_method in ("hdbscan", "umap_hdbscan") and n_clusters is None
         else None,
         n_reference_cells=model.reference.n_cells,
         device=torch_device,
@@ -634,31 +639,17 @@ def _cluster(
     elif method == "leiden":
         codes = leiden_codes(embedding, resolution=resolution, random_state=random_state)
     else:
-        import umap
         from sklearn.cluster import HDBSCAN
 
-        n_neighbors = min(30, n_cells - 1)
-        # below 4,096 cells UMAP would compute every distance itself, one Python call per pair (most of the
-        # read-out's time); the same exact neighbours, computed in float64, are seconds faster
-        neighbors = (
-            exact_neighbor_distances(embedding, n_neighbors)
-            if n_cells < EXACT_KNN_MAX_CELLS
-            else (None, None, None)
-        )
-        with warnings.catch_warnings():
-            # the layout is only read here, never extended to new points, so no search index is needed
-            warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
-            coordinates = umap.UMAP(
-                n_components=2,
-                n_neighbors=n_neighbors,
-                min_dist=0.0,
-                random_state=random_state,
-                n_jobs=1,
-                precomputed_knn=neighbors,
-            ).fit_transform(embedding)
+        if method == "hdbscan" and n_cells > HDBSCAN_WARN_CELLS:
+            logg.warning(
+                f"HDBSCAN on mu of {n_cells:,} cells can take long (it grows about with the square of the cells); "
+                "cluster_method='leiden' is faster on large data."
+            )
+        points = _umap_layout(embedding, random_state) if method == "umap_hdbscan" else embedding
         smallest = _min_cluster_size(min_cluster_size, n_cells)
-        # copy given: scikit-learn 1.9 warns that its default changes; 2 columns cost nothing to copy
-        codes = HDBSCAN(min_cluster_size=smallest, copy=True).fit_predict(coordinates)
+        # copy given: scikit-learn 1.9 warns that its default changes; copying mu costs little
+        codes = HDBSCAN(min_cluster_size=smallest, copy=True).fit_predict(points)
         if n_cells < 2 * smallest or (codes < 0).all():
             warn(
                 f"HDBSCAN labelled {(codes < 0).sum()} of {n_cells} cells noise: with min_cluster_size="
@@ -672,6 +663,32 @@ def _cluster(
         names.append(NOISE)
         codes = np.where(codes < 0, len(names) - 1, codes)
     return pd.Categorical.from_codes(codes, categories=names)
+
+
+def _umap_layout(embedding: np.ndarray, random_state: int) -> np.ndarray:
+    """2-D UMAP of mu with umap-learn's clustering settings (``n_neighbors=30, min_dist=0``)."""
+    import umap
+
+    n_cells = embedding.shape[0]
+    n_neighbors = min(30, n_cells - 1)
+    # below 4,096 cells UMAP would compute every distance itself, one Python call per pair (most of the
+    # read-out's time); the same exact neighbours, computed in float64, are seconds faster
+    neighbors = (
+        exact_neighbor_distances(embedding, n_neighbors)
+        if n_cells < EXACT_KNN_MAX_CELLS
+        else (None, None, None)
+    )
+    with warnings.catch_warnings():
+        # the layout is only read here, never extended to new points, so no search index is needed
+        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
+        return umap.UMAP(
+            n_components=2,
+            n_neighbors=n_neighbors,
+            min_dist=0.0,
+            random_state=random_state,
+            n_jobs=1,
+            precomputed_knn=neighbors,
+        ).fit_transform(embedding)
 
 
 def _loadings_per_var(var_names: pd.Index, feature_names: pd.Index, loadings: np.ndarray):
