@@ -10,9 +10,9 @@ on Cluster-GCN minibatches of about that many cells, in whole epochs of at least
 steps), `scext.tl.cellvgae` is trained at its other defaults without clustering, and mu is read out five ways:
 HDBSCAN on mu (the tool's default), HDBSCAN on a 2-D UMAP of mu (``cluster_method="umap_hdbscan"``, the
 former default), K-means with the true K (what ``n_clusters=K`` returns), and Leiden at resolution 1 and
-0.3 on a 15-NN graph of mu. Labels are read only to score: ARI of each read-out, and the label purity of the 5-NN graph the encoder
-was trained on and of the 5-NN graph of mu (the fraction of neighbour pairs that share a label), which says
-whether the graph or the read-out loses the clusters. Writes one CSV row per run and a Markdown table of
+0.3 on a 15-NN graph of mu. Labels are read only to score: ARI of each read-out, and the label purity of
+the 5-NN graph the encoder was trained on and of the 5-NN graph of mu (the fraction of neighbour pairs
+that share a label), which says whether the graph or the read-out loses the clusters. Writes one CSV row per run and a Markdown table of
 means and spreads over the seeds next to it (``.md``).
 """
 

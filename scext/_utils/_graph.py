@@ -153,7 +153,9 @@ def exact_neighbor_distances(data: np.ndarray, n_neighbors: int) -> tuple[np.nda
     x = x - x.mean(axis=0)
     squared_norms = np.einsum("ij,ij->i", x, x)
     n_candidates = min(n_cells, 2 * n_neighbors)
-    chunk = max(1, TORCH_KNN_BLOCK_ELEMENTS // 8 // max(n_cells, n_candidates * x.shape[1]))
+    # float64 blocks of an eighth of the torch search's element budget (128 MiB)
+    block_elements = TORCH_KNN_BLOCK_ELEMENTS // 8
+    chunk = max(1, block_elements // max(n_cells, n_candidates * x.shape[1]))
     indices = np.empty((n_cells, n_neighbors), dtype=np.int64)
     distances = np.empty((n_cells, n_neighbors), dtype=np.float64)
     for start in range(0, n_cells, chunk):
