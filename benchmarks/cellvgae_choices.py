@@ -2,12 +2,14 @@
 
     python benchmarks/cellvgae_choices.py [--datasets yan pbmc3k_hvg250 baron_mouse] [--seeds 0 1]
         [--genes 500 2000] [--regularizers kl mmd] [--schedules 50:1e-3 200:1e-4 50:1e-3:1024]
-        [--out benchmarks/results/cellvgae_choices.csv]
+        [--graph-spaces genes pcs] [--out benchmarks/results/cellvgae_choices.csv]
 
 For each data set (log-normalised: counts get normalize_total + log1p), seed, number of feature genes,
 regulariser and schedule (``epochs:learning rate`` on the full graph, or ``steps:learning rate:batch size``
 on Cluster-GCN minibatches of about that many cells, in whole epochs of at least that many optimizer
-steps), `scext.tl.cellvgae` is trained at its other defaults without clustering, and mu is read out five ways:
+steps) and graph space (``genes``: the tool's 5-NN graph on the feature genes; ``pcs``: the same graph on
+their top 50 principal components, centred and not scaled, passed as ``graph_use_rep``),
+`scext.tl.cellvgae` is trained at its other defaults without clustering, and mu is read out five ways:
 HDBSCAN on mu (the tool's default), HDBSCAN on a 2-D UMAP of mu (``cluster_method="umap_hdbscan"``, the
 former default), K-means with the true K (what ``n_clusters=K`` returns), and Leiden at resolution 1 and
 0.3 on a 15-NN graph of mu. Labels are read only to score: ARI of each read-out, and the label purity of
@@ -39,6 +41,8 @@ from scext._utils._graph import knn_graph
 from scext.tl._cellvgae import _cluster
 from scext.train._graph_batches import batches_per_epoch, partition_plan
 from scext.train._loop import epochs_for_steps
+
+N_PCS = 50  # as Scanpy's pca, and scDEFER's graph_n_pcs
 
 
 def log_normalised(name: str) -> ad.AnnData:
@@ -78,6 +82,7 @@ def main() -> None:
         default=["50:1e-3"],
         help="epochs:learning rate or steps:learning rate:batch size",
     )
+    parser.add_argument("--graph-spaces", nargs="+", choices=["genes", "pcs"], default=["genes"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/cellvgae_choices.csv")
     args = parser.parse_args()
@@ -92,9 +97,16 @@ def main() -> None:
         matrix = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
         for n_genes in args.genes:
             genes = highly_variable_genes(matrix, n_genes)
-            trained_graph = graph_purity(matrix[:, genes], labels, 0)
-            for regularizer, schedule, seed in itertools.product(
-                args.regularizers, args.schedules, args.seeds
+            # the top principal components of the feature genes as read (log-normalised, centred by PCA)
+            components = sc.AnnData(matrix[:, genes])
+            sc.pp.pca(components, n_comps=min(N_PCS, components.n_obs - 1, components.n_vars - 1))
+            adata.obsm["X_feature_pca"] = components.obsm["X_pca"]
+            graph_spaces = {"genes": matrix[:, genes], "pcs": components.obsm["X_pca"]}
+            trained_graph = {
+                space: graph_purity(graph_spaces[space], labels, 0) for space in args.graph_spaces
+            }
+            for space, regularizer, schedule, seed in itertools.product(
+                args.graph_spaces, args.regularizers, args.schedules, args.seeds
             ):
                 n_epochs, lr, *batch = schedule.split(":")
                 schedule_arguments = {"training": "full"}
@@ -117,6 +129,7 @@ def main() -> None:
                     device="cpu",
                     progress_bar=False,
                     copy=True,
+                    graph_use_rep="X_feature_pca" if space == "pcs" else None,
                     **schedule_arguments,
                 )
                 seconds = time.perf_counter() - start
@@ -130,9 +143,10 @@ def main() -> None:
                     "genes": len(genes),
                     "regularizer": regularizer,
                     "schedule": schedule,
+                    "graph": space,
                     "seed": seed,
                     "reconstruction": float(result.uns["cellvgae"]["history"]["reconstruction"][-10:].mean()),
-                    "graph_purity": trained_graph,
+                    "graph_purity": trained_graph[space],
                     "mu_purity": purity(neighbours[:, 1:], labels),
                     "ari_hdbscan": adjusted_rand_score(labels, hdbscan),
                     "clusters_hdbscan": len(np.unique(hdbscan)),
@@ -151,7 +165,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
-    grouped = table.drop(columns="seed").groupby(["dataset", "genes", "regularizer", "schedule"], sort=False)
+    grouped = table.drop(columns="seed").groupby(
+        ["dataset", "genes", "regularizer", "schedule", "graph"], sort=False
+    )
     spread = grouped.std(ddof=1).fillna(0).round(3).astype(str)
     summary = grouped.mean().round(3).astype(str) + " ± " + spread
     for column in ("graph_purity", "seconds"):  # one value per data set, or no spread worth printing
@@ -168,6 +184,8 @@ def main() -> None:
             *args.regularizers,
             "--schedules",
             *args.schedules,
+            "--graph-spaces",
+            *args.graph_spaces,
             "--threads",
             str(args.threads),
             "--out",
