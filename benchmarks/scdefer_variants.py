@@ -10,6 +10,9 @@
         --out benchmarks/tables/scdefer_schedule.csv
     python benchmarks/scdefer_variants.py --datasets 10x_pbmc_top2000 mouse_bladder_top2000 baron_mouse \\
         paul15 --seeds 0 1 2 --variants default pretrain_100_steps --out benchmarks/tables/scdefer_pretraining.csv
+    python benchmarks/scdefer_variants.py --datasets 10x_pbmc_top2000 mouse_bladder_top2000 --seeds 0 1 2 \\
+        --variants default without_zinb fusion_weight_0.5 fusion_weight_0.9 without_graph_encoder \\
+        --out benchmarks/tables/scdefer_ablations_minibatch.csv
 
 The ablations are the paper's Table 3 (without ZINB, without the transcriptomics-based graph encoder,
 without the fusion cell topology encoder) and Fig. 3C (alpha, here `fusion_weight`, 0.1 / 0.5 / 0.9). Each
