@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import torch
+from clustering import is_log_normalised, load
 from sklearn.metrics import adjusted_rand_score
 from sklearn.neighbors import NearestNeighbors
 
@@ -46,8 +47,8 @@ N_PCS = 50  # as Scanpy's pca, and scDEFER's graph_n_pcs
 
 
 def log_normalised(name: str) -> ad.AnnData:
-    adata = scext.datasets.load(name)
-    if "log" not in str(adata.uns.get("scext_source", {}).get("matrix", "")).lower():
+    adata = load(name)
+    if not is_log_normalised(adata):
         sc.pp.normalize_total(adata)
         sc.pp.log1p(adata)
     return adata
@@ -97,11 +98,12 @@ def main() -> None:
         matrix = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
         for n_genes in args.genes:
             genes = highly_variable_genes(matrix, n_genes)
-            # the top principal components of the feature genes as read (log-normalised, centred by PCA)
-            components = sc.AnnData(matrix[:, genes])
-            sc.pp.pca(components, n_comps=min(N_PCS, components.n_obs - 1, components.n_vars - 1))
-            adata.obsm["X_feature_pca"] = components.obsm["X_pca"]
-            graph_spaces = {"genes": matrix[:, genes], "pcs": components.obsm["X_pca"]}
+            graph_spaces = {"genes": matrix[:, genes]}
+            if "pcs" in args.graph_spaces:
+                # the top principal components of the feature genes as read (log-normalised, centred by PCA)
+                components = sc.AnnData(graph_spaces["genes"])
+                sc.pp.pca(components, n_comps=min(N_PCS, components.n_obs - 1, components.n_vars - 1))
+                graph_spaces["pcs"] = adata.obsm["X_feature_pca"] = components.obsm["X_pca"]
             trained_graph = {
                 space: graph_purity(graph_spaces[space], labels, 0) for space in args.graph_spaces
             }
